@@ -1,0 +1,1252 @@
+//! [`Db`]: the store. Every operation is atomic per key: it runs under the key's shard lock,
+//! reads "now" once, computes the key's next state, appends that after-image to the WAL and
+//! installs it in memory before the lock is released. It then waits, with no lock held, until
+//! the record reaches the durability the caller asked for.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Sender, bounded};
+use parking_lot::Mutex;
+
+use crate::clock::MonotonicClock;
+use crate::error::{Error, Result};
+use crate::index::{Index, Shard, Slot, entry_bytes};
+use crate::int::parse_i64;
+use crate::options::{Durability, Limits, Options, TTL_MAX};
+use crate::record::{self, Entry};
+use crate::storage::{DirLock, LockError, Storage, join};
+use crate::wal::{self, Wal, WalScan, WalShared};
+
+/// Name of the lock file inside a store directory.
+pub const LOCK_FILE: &str = "LOCK";
+
+/// What happens to a key's TTL on a successful [`Db::compare_and_swap`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlPolicy {
+    /// Keep the current expiry (none if the key was absent).
+    Keep,
+    /// Replace it: the key expires this long after the swap.
+    Set(Duration),
+    /// Remove it: the key no longer expires.
+    Clear,
+}
+
+/// A key's remaining time to live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// The key does not exist (or has expired).
+    Missing,
+    /// The key exists and does not expire.
+    NoExpiry,
+    /// The key expires after this long (at least 1 ms).
+    Remaining(Duration),
+}
+
+/// An opaque position in a scan: pass it back to get the next page.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ScanCursor(Vec<u8>);
+
+impl ScanCursor {
+    /// The cursor's bytes, to carry it outside the process.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    /// Rebuilds a cursor from [`ScanCursor::as_bytes`].
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        ScanCursor(bytes.into())
+    }
+}
+
+/// One scanned key (and its value, if asked for).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanEntry {
+    /// The key.
+    pub key: Vec<u8>,
+    /// The value, when the scan asked for values.
+    pub value: Option<Vec<u8>>,
+}
+
+/// A page of a prefix scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanPage {
+    /// Live keys in ascending byte order.
+    pub entries: Vec<ScanEntry>,
+    /// Where the next page starts; `None` when the scan is complete.
+    pub next: Option<ScanCursor>,
+}
+
+/// The most keys one scan page returns, whatever `limit` asks.
+pub const SCAN_LIMIT_MAX: usize = 10_000;
+
+#[derive(Debug, Clone)]
+enum BatchOp {
+    Set {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+}
+
+/// Sets and deletes applied all together or not at all, in memory and on disk (one WAL
+/// record). Later operations on the same key win.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    ops: Vec<BatchOp>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Batch::default()
+    }
+    /// Adds a set of `key` to `value`, expiring after `ttl` if given.
+    pub fn set(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, ttl: Option<Duration>) -> &mut Self {
+        self.ops.push(BatchOp::Set {
+            key: key.into(),
+            value: value.into(),
+            ttl,
+        });
+        self
+    }
+    /// Adds a delete of `key`.
+    pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(BatchOp::Delete { key: key.into() });
+        self
+    }
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+    /// True if the batch has no operations.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A write operation, for [`Db::submit`].
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub enum Op<'a> {
+    /// See [`Db::set`]; outcome `Unit`.
+    Set {
+        /// Key.
+        key: &'a [u8],
+        /// Value.
+        value: &'a [u8],
+        /// Time to live.
+        ttl: Option<Duration>,
+    },
+    /// See [`Db::set_nx`]; outcome `Bool`.
+    SetNx {
+        /// Key.
+        key: &'a [u8],
+        /// Value.
+        value: &'a [u8],
+        /// Time to live.
+        ttl: Option<Duration>,
+    },
+    /// See [`Db::compare_and_swap`]; outcome `Bool`.
+    CompareAndSwap {
+        /// Key.
+        key: &'a [u8],
+        /// Required current value (`None`: the key must be absent).
+        expected: Option<&'a [u8]>,
+        /// New value.
+        new: &'a [u8],
+        /// What happens to the TTL.
+        ttl: TtlPolicy,
+    },
+    /// See [`Db::compare_and_delete`]; outcome `Bool`.
+    CompareAndDelete {
+        /// Key.
+        key: &'a [u8],
+        /// Required current value.
+        expected: &'a [u8],
+    },
+    /// See [`Db::delete`]; outcome `Bool`.
+    Delete {
+        /// Key.
+        key: &'a [u8],
+    },
+    /// See [`Db::incr`]; outcome `Int`.
+    Incr {
+        /// Key.
+        key: &'a [u8],
+        /// Amount to add (may be negative).
+        delta: i64,
+        /// TTL stamped only if this creates the key.
+        ttl_on_create: Option<Duration>,
+    },
+    /// See [`Db::expire`]; outcome `Bool`.
+    Expire {
+        /// Key.
+        key: &'a [u8],
+        /// New time to live.
+        ttl: Duration,
+    },
+    /// See [`Db::persist`]; outcome `Bool`.
+    Persist {
+        /// Key.
+        key: &'a [u8],
+    },
+    /// See [`Db::write_batch`]; outcome `Unit`.
+    Batch(&'a Batch),
+}
+
+/// The result of a submitted [`Op`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The operation has no result beyond success.
+    Unit,
+    /// Whether the operation took effect.
+    Bool(bool),
+    /// The integer result (of `incr`).
+    Int(i64),
+}
+
+/// A write that has been applied in memory and is on its way to the durability it asked for.
+/// `wait()` blocks the thread; `.await` does not (it is a `Future` that the WAL writer wakes).
+#[must_use = "a write is acknowledged only once its Pending is waited on"]
+pub struct Pending<T> {
+    value: Option<T>,
+    wait: Option<(Arc<WalShared>, u64, Durability)>,
+}
+
+impl<T> Pending<T> {
+    fn ready(value: T) -> Self {
+        Pending {
+            value: Some(value),
+            wait: None,
+        }
+    }
+
+    /// Blocks until the write is durable as requested, then returns its result.
+    pub fn wait(mut self) -> Result<T> {
+        if let Some((wal, lsn, durability)) = self.wait.take() {
+            wal.wait(lsn, durability)?;
+        }
+        Ok(self.value.take().expect("a Pending yields its value once"))
+    }
+}
+
+impl<T: Unpin> Future for Pending<T> {
+    type Output = Result<T>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
+        let this = &mut *self;
+        if let Some((wal, lsn, durability)) = &this.wait {
+            match wal.poll(*lsn, *durability, cx.waker()) {
+                Ok(true) => this.wait = None,
+                Ok(false) => return Poll::Pending,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        Poll::Ready(Ok(this.value.take().expect("Pending polled after completion")))
+    }
+}
+
+/// What recovery did when the store was opened.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// WAL segments read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Bytes cut from a torn last record.
+    pub bytes_truncated: u64,
+    /// Live keys after recovery.
+    pub keys: u64,
+    /// LSN of the last record replayed.
+    pub last_lsn: u64,
+    /// Wall time spent.
+    pub duration: Duration,
+}
+
+/// A point-in-time view of the store's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Entries in memory (live, plus expired ones not yet reclaimed).
+    pub keys: u64,
+    /// Accounted bytes: keys, values and per-entry overhead.
+    pub memory_bytes: u64,
+    /// Bytes in WAL segments.
+    pub wal_bytes: u64,
+    /// Number of WAL segments.
+    pub wal_segments: u64,
+    /// fdatasync calls on the WAL since open.
+    pub wal_fsyncs: u64,
+    /// Newest durable LSN.
+    pub durable_lsn: u64,
+    /// Keys reclaimed by the active expirer since open.
+    pub expired_reclaimed: u64,
+    /// What recovery did (`None` for memory-only stores).
+    pub recovery: Option<RecoveryReport>,
+    /// True if an I/O failure poisoned the store.
+    pub poisoned: bool,
+}
+
+/// Result of [`Db::verify`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// What the WAL scan found; a torn tail is reported, not an error.
+    pub wal: WalScan,
+}
+
+struct Core {
+    index: Index,
+    wal: Option<Wal>,
+    clock: MonotonicClock,
+    limits: Limits,
+    memory_bytes: AtomicU64,
+    expired_reclaimed: AtomicU64,
+    recovery: Option<RecoveryReport>,
+    expire_scan_per_shard: usize,
+    _lock: Option<Box<dyn DirLock>>,
+}
+
+struct Inner {
+    core: Arc<Core>,
+    expirer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.shutdown();
+    }
+}
+
+impl Inner {
+    fn shutdown(&self) -> Result<()> {
+        if let Some((stop, handle)) = self.expirer.lock().take() {
+            drop(stop);
+            let _ = handle.join();
+        }
+        match &self.core.wal {
+            Some(wal) => wal.shutdown(),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The embedded store. Cheap to clone: clones share one store. The store closes (flushing and
+/// syncing the WAL) when the last clone is dropped, or explicitly with [`Db::close`].
+#[derive(Clone)]
+pub struct Db {
+    inner: Arc<Inner>,
+    durability: Durability,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("durability", &self.durability)
+            .field("disk", &self.inner.core.wal.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn ttl_ms(ttl: Duration) -> Result<u64> {
+    // Sub-millisecond TTLs round up, so any positive TTL is at least 1 ms.
+    let ms = ttl.as_nanos().div_ceil(1_000_000);
+    if ms == 0 || ttl > TTL_MAX {
+        return Err(Error::InvalidTtl {
+            ttl_ms: ms,
+            max_ms: TTL_MAX.as_millis() as u64,
+        });
+    }
+    Ok(ms as u64)
+}
+
+/// The state change an operation makes to its key.
+enum Change {
+    None,
+    Put { value: Box<[u8]>, expires_at_ms: u64 },
+    Delete,
+    Expire { expires_at_ms: u64 },
+}
+
+impl Db {
+    /// Opens (creating if needed) the store in `dir`, recovering from its WAL.
+    ///
+    /// # Errors
+    /// [`Error::Locked`] if another `Db` has `dir` open; [`Error::Corruption`] if the WAL is
+    /// damaged other than by a torn last write (nothing is modified then); [`Error::Io`].
+    pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Db> {
+        let dir = dir.as_ref().to_path_buf();
+        let storage = Arc::clone(&options.storage);
+        storage.create_dir_all(&dir)?;
+        let lock = storage.lock(&join(&dir, LOCK_FILE)).map_err(|e| match e {
+            LockError::Held { pid } => Error::Locked {
+                path: dir.clone(),
+                pid,
+            },
+            LockError::Io(e) => Error::Io(e),
+        })?;
+        let started = Instant::now();
+        let index = Index::new(options.shards);
+        let clock = MonotonicClock::new(Arc::clone(&options.clock));
+        let now = clock.now_ms();
+        let mut memory = 0u64;
+        let scan = wal::scan(&*storage, &dir, 1, |_lsn, _time, entries| {
+            for entry in entries {
+                memory = apply_replayed(&index, entry, now, memory);
+            }
+        })?;
+        clock.raise_floor(scan.max_time_ms);
+        let mut bytes_truncated = 0;
+        let mut wal_bytes = scan.valid_bytes;
+        let mut segments = wal::list_segments(&*storage, &dir)?;
+        if let Some(torn) = &scan.torn_tail {
+            bytes_truncated = torn.torn_bytes;
+            if torn.header_torn {
+                // The crash hit while the segment was being created: it holds no record.
+                storage.remove(&torn.file)?;
+                storage.sync_dir(&dir)?;
+                segments.pop();
+            } else {
+                let mut file = storage.open_append(&torn.file)?;
+                file.truncate(torn.valid_len)?;
+                file.sync_data()?;
+            }
+        }
+        let next_lsn = scan.last_lsn + 1;
+        let (file, file_bytes) = match segments.last() {
+            Some((_, path)) => {
+                let file = storage.open_append(path)?;
+                let len = storage.read(path)?.len() as u64;
+                (file, len)
+            }
+            None => {
+                let path = join(&dir, &wal::segment_name(next_lsn));
+                let mut file = storage.create(&path)?;
+                let header = record::encode_segment_header(next_lsn);
+                file.write_all(&header)?;
+                file.sync_data()?;
+                // fsync the directory so the new segment's name survives power loss.
+                storage.sync_dir(&dir)?;
+                wal_bytes += header.len() as u64;
+                segments.push((next_lsn, path));
+                (file, header.len() as u64)
+            }
+        };
+        let periodic = match options.durability {
+            Durability::Periodic(iv) => Some(iv),
+            _ => None,
+        };
+        let wal = Wal::start(
+            Arc::clone(&storage),
+            dir.clone(),
+            file,
+            file_bytes,
+            next_lsn,
+            wal_bytes,
+            segments.len() as u64,
+            options.wal_segment_bytes,
+            periodic,
+        )?;
+        let keys = (0..index.shard_count())
+            .map(|i| index.shard(i).read().map.len() as u64)
+            .sum();
+        let recovery = RecoveryReport {
+            segments: scan.segments,
+            records: scan.records,
+            bytes_truncated,
+            keys,
+            last_lsn: scan.last_lsn,
+            duration: started.elapsed(),
+        };
+        Ok(Db::assemble(
+            index,
+            Some(wal),
+            clock,
+            &options,
+            memory,
+            Some(recovery),
+            Some(lock),
+        ))
+    }
+
+    /// A store with no files at all: everything lives in memory and is gone when the last
+    /// clone is dropped. Durability settings do not apply.
+    pub fn memory(options: Options) -> Db {
+        let index = Index::new(options.shards);
+        let clock = MonotonicClock::new(Arc::clone(&options.clock));
+        Db::assemble(index, None, clock, &options, 0, None, None)
+    }
+
+    fn assemble(
+        index: Index,
+        wal: Option<Wal>,
+        clock: MonotonicClock,
+        options: &Options,
+        memory: u64,
+        recovery: Option<RecoveryReport>,
+        lock: Option<Box<dyn DirLock>>,
+    ) -> Db {
+        let core = Arc::new(Core {
+            index,
+            wal,
+            clock,
+            limits: options.limits,
+            memory_bytes: AtomicU64::new(memory),
+            expired_reclaimed: AtomicU64::new(0),
+            recovery,
+            expire_scan_per_shard: options.expire_scan_per_shard,
+            _lock: lock,
+        });
+        let (stop_tx, stop_rx) = bounded::<()>(0);
+        let expirer_core = Arc::clone(&core);
+        let interval = options.expire_interval;
+        let handle = std::thread::Builder::new()
+            .name("keel-expirer".into())
+            .spawn(move || {
+                // Ticks until the sender is dropped (store closing).
+                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
+                    stop_rx.recv_timeout(interval)
+                {
+                    expirer_core.expire_tick();
+                }
+            })
+            .expect("spawning the expirer thread");
+        Db {
+            inner: Arc::new(Inner {
+                core,
+                expirer: Mutex::new(Some((stop_tx, handle))),
+            }),
+            durability: options.durability,
+        }
+    }
+
+    /// Checks every WAL segment's checksums in `dir` without modifying anything and without
+    /// taking the lock. A torn last record is reported in the result; real damage is an error.
+    ///
+    /// # Errors
+    /// [`Error::Corruption`] naming the file and offset; [`Error::Io`].
+    pub fn verify(dir: impl AsRef<Path>, storage: &dyn Storage) -> Result<VerifyReport> {
+        let wal = wal::scan(storage, dir.as_ref(), 1, |_, _, _| {})?;
+        Ok(VerifyReport { wal })
+    }
+
+    /// A handle to the same store whose writes use `durability` instead of the store default:
+    /// e.g. a fencing counter that must be durable even when the store runs `Periodic`.
+    pub fn with_durability(&self, durability: Durability) -> Db {
+        Db {
+            inner: Arc::clone(&self.inner),
+            durability,
+        }
+    }
+
+    /// The durability this handle's writes use.
+    pub fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    /// True if this store keeps no files.
+    pub fn is_memory(&self) -> bool {
+        self.inner.core.wal.is_none()
+    }
+
+    /// Flushes and fsyncs the WAL and stops the background threads. Other clones of this
+    /// handle see [`Error::Closed`] on writes afterwards.
+    ///
+    /// # Errors
+    /// [`Error::Poisoned`] if an earlier I/O failure means some writes may not be on disk.
+    pub fn close(self) -> Result<()> {
+        self.inner.shutdown()
+    }
+
+    fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
+    /// The store's current time in Unix milliseconds (never decreasing).
+    pub fn now_ms(&self) -> u64 {
+        self.core().clock.now_ms()
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    /// The value of `key`, if it exists and has not expired.
+    pub fn get(&self, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+        self.get_with_ttl(key).map(|(v, _)| v)
+    }
+
+    /// The value of `key` with its remaining TTL (`None`: no expiry).
+    pub fn get_with_ttl(&self, key: impl AsRef<[u8]>) -> Option<(Vec<u8>, Option<Duration>)> {
+        let key = key.as_ref();
+        let core = self.core();
+        let now = core.clock.now_ms();
+        let shard = core.index.shard(core.index.shard_of(key)).read();
+        let slot = shard.map.get(key).filter(|s| s.is_live(now))?;
+        let ttl = slot.expiry().map(|at| Duration::from_millis(at - now));
+        Some((slot.value.to_vec(), ttl))
+    }
+
+    /// Whether `key` exists, and if so its remaining time to live.
+    pub fn ttl(&self, key: impl AsRef<[u8]>) -> Ttl {
+        let key = key.as_ref();
+        let core = self.core();
+        let now = core.clock.now_ms();
+        let shard = core.index.shard(core.index.shard_of(key)).read();
+        match shard.map.get(key).filter(|s| s.is_live(now)) {
+            None => Ttl::Missing,
+            Some(slot) => match slot.expiry() {
+                None => Ttl::NoExpiry,
+                Some(at) => Ttl::Remaining(Duration::from_millis(at - now)),
+            },
+        }
+    }
+
+    /// One page of the live keys starting with `prefix`, in ascending byte order, after
+    /// `cursor` (start with `None`). `limit` is capped at [`SCAN_LIMIT_MAX`] (and at least 1).
+    ///
+    /// Guarantee: a key that exists for the whole scan is returned exactly once; a key created
+    /// or deleted during the scan may or may not be returned.
+    pub fn scan(
+        &self,
+        prefix: impl AsRef<[u8]>,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+        with_values: bool,
+    ) -> ScanPage {
+        let limit = limit.clamp(1, SCAN_LIMIT_MAX);
+        let core = self.core();
+        let now = core.clock.now_ms();
+        let found = core.index.scan(
+            prefix.as_ref(),
+            cursor.map(|c| c.0.as_slice()),
+            limit,
+            now,
+            with_values,
+        );
+        let next = (found.len() == limit).then(|| ScanCursor(found[limit - 1].0.clone()));
+        ScanPage {
+            entries: found
+                .into_iter()
+                .map(|(key, value)| ScanEntry { key, value })
+                .collect(),
+            next,
+        }
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> Stats {
+        let core = self.core();
+        let keys = (0..core.index.shard_count())
+            .map(|i| core.index.shard(i).read().map.len() as u64)
+            .sum();
+        let (wal_bytes, wal_segments, wal_fsyncs, durable_lsn, poisoned) = match &core.wal {
+            Some(w) => {
+                let (b, s, f, d) = w.shared().stats();
+                (b, s, f, d, w.shared().is_poisoned())
+            }
+            None => (0, 0, 0, 0, false),
+        };
+        Stats {
+            keys,
+            memory_bytes: core.memory_bytes.load(Ordering::Relaxed),
+            wal_bytes,
+            wal_segments,
+            wal_fsyncs,
+            durable_lsn,
+            expired_reclaimed: core.expired_reclaimed.load(Ordering::Relaxed),
+            recovery: core.recovery.clone(),
+            poisoned,
+        }
+    }
+
+    // ----- writes ------------------------------------------------------------------------
+
+    /// Sets `key` to `value`, replacing any value and TTL; expires after `ttl` if given.
+    ///
+    /// # Errors
+    /// `KeyTooLarge`, `ValueTooLarge`, `InvalidTtl` (nothing written); `Poisoned`, `Closed`,
+    /// `Io` from the WAL.
+    pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<()> {
+        self.submit(Op::Set {
+            key: key.as_ref(),
+            value: value.as_ref(),
+            ttl,
+        })?
+        .wait()
+        .map(|_| ())
+    }
+
+    /// Sets `key` only if it is absent or expired. Returns whether it was set.
+    ///
+    /// # Errors
+    /// As [`Db::set`].
+    pub fn set_nx(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<bool> {
+        self.submit(Op::SetNx {
+            key: key.as_ref(),
+            value: value.as_ref(),
+            ttl,
+        })?
+        .wait()
+        .map(outcome_bool)
+    }
+
+    /// Replaces the value of `key` with `new` only if it currently equals `expected`
+    /// (`None`: only if the key is absent or expired). Returns whether it swapped. The TTL
+    /// follows `ttl`.
+    ///
+    /// # Errors
+    /// As [`Db::set`].
+    pub fn compare_and_swap(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: Option<&[u8]>,
+        new: impl AsRef<[u8]>,
+        ttl: TtlPolicy,
+    ) -> Result<bool> {
+        self.submit(Op::CompareAndSwap {
+            key: key.as_ref(),
+            expected,
+            new: new.as_ref(),
+            ttl,
+        })?
+        .wait()
+        .map(outcome_bool)
+    }
+
+    /// Deletes `key` only if its value equals `expected`. Returns whether it deleted.
+    ///
+    /// # Errors
+    /// As [`Db::set`].
+    pub fn compare_and_delete(&self, key: impl AsRef<[u8]>, expected: impl AsRef<[u8]>) -> Result<bool> {
+        self.submit(Op::CompareAndDelete {
+            key: key.as_ref(),
+            expected: expected.as_ref(),
+        })?
+        .wait()
+        .map(outcome_bool)
+    }
+
+    /// Deletes `key`. Returns whether a live key was deleted.
+    ///
+    /// # Errors
+    /// As [`Db::set`].
+    pub fn delete(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        self.submit(Op::Delete { key: key.as_ref() })?
+            .wait()
+            .map(outcome_bool)
+    }
+
+    /// Adds `delta` to the integer at `key` (a missing key counts as 0) and returns the new
+    /// value. `ttl_on_create` is stamped only when this call creates the key; an existing
+    /// key's TTL is never changed.
+    ///
+    /// # Errors
+    /// `NotAnInteger` if the value is not a decimal i64 in Redis's grammar, `Overflow` if the
+    /// result does not fit an i64 (both leave the value unchanged); `InvalidTtl`; as
+    /// [`Db::set`].
+    pub fn incr(&self, key: impl AsRef<[u8]>, delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
+        match self
+            .submit(Op::Incr {
+                key: key.as_ref(),
+                delta,
+                ttl_on_create,
+            })?
+            .wait()?
+        {
+            Outcome::Int(n) => Ok(n),
+            other => unreachable!("incr yields Int, got {other:?}"),
+        }
+    }
+
+    /// Sets the TTL of an existing key. Returns false if the key is missing.
+    ///
+    /// # Errors
+    /// `InvalidTtl`; as [`Db::set`].
+    pub fn expire(&self, key: impl AsRef<[u8]>, ttl: Duration) -> Result<bool> {
+        self.submit(Op::Expire {
+            key: key.as_ref(),
+            ttl,
+        })?
+        .wait()
+        .map(outcome_bool)
+    }
+
+    /// Removes the TTL of a key. Returns true if the key exists and had a TTL.
+    ///
+    /// # Errors
+    /// As [`Db::set`].
+    pub fn persist(&self, key: impl AsRef<[u8]>) -> Result<bool> {
+        self.submit(Op::Persist { key: key.as_ref() })?
+            .wait()
+            .map(outcome_bool)
+    }
+
+    /// Applies every operation of `batch` or none: in memory (no reader sees part of it) and on
+    /// disk (one WAL record).
+    ///
+    /// # Errors
+    /// `BatchTooLarge`, and any per-key error of [`Db::set`]; nothing is written then.
+    pub fn write_batch(&self, batch: &Batch) -> Result<()> {
+        self.submit(Op::Batch(batch))?.wait().map(|_| ())
+    }
+
+    /// Applies `op` in memory, queues its WAL record, and returns without waiting for
+    /// durability. `.wait()` or `.await` the result to get the acknowledgement: the write is
+    /// acknowledged only then.
+    ///
+    /// # Errors
+    /// Input errors, `Poisoned` and `Closed` are returned here, before anything is applied.
+    pub fn submit(&self, op: Op<'_>) -> Result<Pending<Outcome>> {
+        match op {
+            Op::Set { key, value, ttl } => {
+                self.check_value(value)?;
+                let ttl = ttl.map(ttl_ms).transpose()?;
+                self.mutate(key, |_, now| {
+                    let expires_at_ms = ttl.map_or(0, |t| now.saturating_add(t));
+                    Ok((
+                        Change::Put {
+                            value: value.into(),
+                            expires_at_ms,
+                        },
+                        Outcome::Unit,
+                    ))
+                })
+            }
+            Op::SetNx { key, value, ttl } => {
+                self.check_value(value)?;
+                let ttl = ttl.map(ttl_ms).transpose()?;
+                self.mutate(key, |current, now| {
+                    if current.is_some() {
+                        return Ok((Change::None, Outcome::Bool(false)));
+                    }
+                    let expires_at_ms = ttl.map_or(0, |t| now.saturating_add(t));
+                    Ok((
+                        Change::Put {
+                            value: value.into(),
+                            expires_at_ms,
+                        },
+                        Outcome::Bool(true),
+                    ))
+                })
+            }
+            Op::CompareAndSwap {
+                key,
+                expected,
+                new,
+                ttl,
+            } => {
+                self.check_value(new)?;
+                let set_ms = match ttl {
+                    TtlPolicy::Set(t) => Some(ttl_ms(t)?),
+                    TtlPolicy::Keep | TtlPolicy::Clear => None,
+                };
+                self.mutate(key, |current, now| {
+                    let matches = match (current, expected) {
+                        (None, None) => true,
+                        (Some(slot), Some(exp)) => &*slot.value == exp,
+                        _ => false,
+                    };
+                    if !matches {
+                        return Ok((Change::None, Outcome::Bool(false)));
+                    }
+                    let expires_at_ms = match (ttl, set_ms) {
+                        (TtlPolicy::Keep, _) => current.map_or(0, |s| s.expires_at_ms),
+                        (_, Some(ms)) => now.saturating_add(ms),
+                        (_, None) => 0,
+                    };
+                    Ok((
+                        Change::Put {
+                            value: new.into(),
+                            expires_at_ms,
+                        },
+                        Outcome::Bool(true),
+                    ))
+                })
+            }
+            Op::CompareAndDelete { key, expected } => self.mutate(key, |current, _| {
+                Ok(match current {
+                    Some(slot) if &*slot.value == expected => (Change::Delete, Outcome::Bool(true)),
+                    _ => (Change::None, Outcome::Bool(false)),
+                })
+            }),
+            Op::Delete { key } => self.mutate(key, |current, _| {
+                Ok(match current {
+                    Some(_) => (Change::Delete, Outcome::Bool(true)),
+                    None => (Change::None, Outcome::Bool(false)),
+                })
+            }),
+            Op::Incr {
+                key,
+                delta,
+                ttl_on_create,
+            } => {
+                let ttl = ttl_on_create.map(ttl_ms).transpose()?;
+                self.mutate(key, |current, now| {
+                    let (base, expires_at_ms) = match current {
+                        Some(slot) => (
+                            parse_i64(&slot.value).ok_or(Error::NotAnInteger)?,
+                            slot.expires_at_ms,
+                        ),
+                        None => (0, ttl.map_or(0, |t| now.saturating_add(t))),
+                    };
+                    let next = base.checked_add(delta).ok_or(Error::Overflow)?;
+                    Ok((
+                        Change::Put {
+                            value: next.to_string().into_bytes().into_boxed_slice(),
+                            expires_at_ms,
+                        },
+                        Outcome::Int(next),
+                    ))
+                })
+            }
+            Op::Expire { key, ttl } => {
+                let ttl = ttl_ms(ttl)?;
+                self.mutate(key, |current, now| {
+                    Ok(match current {
+                        Some(_) => (
+                            Change::Expire {
+                                expires_at_ms: now.saturating_add(ttl),
+                            },
+                            Outcome::Bool(true),
+                        ),
+                        None => (Change::None, Outcome::Bool(false)),
+                    })
+                })
+            }
+            Op::Persist { key } => self.mutate(key, |current, _| {
+                Ok(match current {
+                    Some(slot) if slot.expires_at_ms != 0 => {
+                        (Change::Expire { expires_at_ms: 0 }, Outcome::Bool(true))
+                    }
+                    _ => (Change::None, Outcome::Bool(false)),
+                })
+            }),
+            Op::Batch(batch) => self.apply_batch(batch),
+        }
+    }
+
+    fn check_key(&self, key: &[u8]) -> Result<()> {
+        let max = self.core().limits.max_key_bytes;
+        if key.len() > max {
+            return Err(Error::KeyTooLarge { len: key.len(), max });
+        }
+        Ok(())
+    }
+
+    fn check_value(&self, value: &[u8]) -> Result<()> {
+        let max = self.core().limits.max_value_bytes;
+        if value.len() > max {
+            return Err(Error::ValueTooLarge {
+                len: value.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    fn before_write(&self) -> Result<()> {
+        if let Some(wal) = &self.core().wal {
+            wal.shared().check_poison()?;
+            wal.shared().throttle();
+        }
+        Ok(())
+    }
+
+    fn pending<T>(&self, value: T, lsn: Option<u64>) -> Pending<T> {
+        match (lsn, &self.core().wal) {
+            (Some(lsn), Some(wal)) if self.durability != Durability::Buffered => Pending {
+                value: Some(value),
+                wait: Some((Arc::clone(wal.shared()), lsn, self.durability)),
+            },
+            _ => Pending::ready(value),
+        }
+    }
+
+    /// Runs one single-key operation atomically: `decide` sees the key's live slot (if any)
+    /// and "now", and returns the change to make and the caller's result.
+    fn mutate(
+        &self,
+        key: &[u8],
+        decide: impl FnOnce(Option<&Slot>, u64) -> Result<(Change, Outcome)>,
+    ) -> Result<Pending<Outcome>> {
+        self.check_key(key)?;
+        self.before_write()?;
+        let core = self.core();
+        let now = core.clock.now_ms();
+        let mut shard = core.index.shard(core.index.shard_of(key)).write();
+        let (change, outcome) = decide(shard.map.get(key).filter(|s| s.is_live(now)), now)?;
+        let entry = match &change {
+            Change::None => return Ok(Pending::ready(outcome)),
+            Change::Put {
+                value,
+                expires_at_ms,
+            } => Entry::Put {
+                key,
+                value,
+                expires_at_ms: (*expires_at_ms != 0).then_some(*expires_at_ms),
+            },
+            Change::Delete => Entry::Delete { key },
+            Change::Expire { expires_at_ms } => Entry::Expire {
+                key,
+                expires_at_ms: (*expires_at_ms != 0).then_some(*expires_at_ms),
+            },
+        };
+        // WAL first, under the shard lock: if the append is refused nothing changes, and the
+        // per-key order of records matches the order of states in memory.
+        let lsn = match &core.wal {
+            Some(wal) => Some(wal.shared().append(now, &[entry], self.durability)?),
+            None => None,
+        };
+        core.install(&mut shard, key, change);
+        drop(shard);
+        Ok(self.pending(outcome, lsn))
+    }
+
+    fn apply_batch(&self, batch: &Batch) -> Result<Pending<Outcome>> {
+        let core = self.core();
+        let limits = core.limits;
+        let mut bytes = 4usize;
+        let mut ttls = Vec::with_capacity(batch.ops.len());
+        for op in &batch.ops {
+            match op {
+                BatchOp::Set { key, value, ttl } => {
+                    self.check_key(key)?;
+                    self.check_value(value)?;
+                    ttls.push(ttl.map(ttl_ms).transpose()?);
+                    bytes += 1 + 2 + key.len() + 8 + 4 + value.len();
+                }
+                BatchOp::Delete { key } => {
+                    self.check_key(key)?;
+                    ttls.push(None);
+                    bytes += 1 + 2 + key.len();
+                }
+            }
+        }
+        if batch.ops.len() > limits.max_batch_ops || bytes > limits.max_batch_bytes {
+            return Err(Error::BatchTooLarge {
+                ops: batch.ops.len(),
+                bytes,
+                max_ops: limits.max_batch_ops,
+                max_bytes: limits.max_batch_bytes,
+            });
+        }
+        if batch.is_empty() {
+            return Ok(Pending::ready(Outcome::Unit));
+        }
+        self.before_write()?;
+        // Lock every shard the batch touches, in ascending order (no deadlock with another
+        // batch), so no reader sees part of it.
+        let mut shard_ids: Vec<usize> = batch
+            .ops
+            .iter()
+            .map(|op| match op {
+                BatchOp::Set { key, .. } | BatchOp::Delete { key } => core.index.shard_of(key),
+            })
+            .collect();
+        let op_shards = shard_ids.clone();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: Vec<_> = shard_ids
+            .iter()
+            .map(|&i| core.index.shard(i).write())
+            .collect();
+        let now = core.clock.now_ms();
+        let entries: Vec<Entry<'_>> = batch
+            .ops
+            .iter()
+            .zip(&ttls)
+            .map(|(op, ttl)| match op {
+                BatchOp::Set { key, value, .. } => Entry::Put {
+                    key,
+                    value,
+                    expires_at_ms: ttl.map(|t| now.saturating_add(t)),
+                },
+                BatchOp::Delete { key } => Entry::Delete { key },
+            })
+            .collect();
+        let lsn = match &core.wal {
+            Some(wal) => Some(wal.shared().append(now, &entries, self.durability)?),
+            None => None,
+        };
+        for (entry, shard_id) in entries.iter().zip(op_shards) {
+            let g = shard_ids.binary_search(&shard_id).expect("shard was locked above");
+            let change = match entry {
+                Entry::Put {
+                    value,
+                    expires_at_ms,
+                    ..
+                } => Change::Put {
+                    value: (*value).into(),
+                    expires_at_ms: expires_at_ms.unwrap_or(0),
+                },
+                _ => Change::Delete,
+            };
+            core.install(&mut guards[g], entry.key(), change);
+        }
+        drop(guards);
+        Ok(self.pending(Outcome::Unit, lsn))
+    }
+}
+
+fn outcome_bool(o: Outcome) -> bool {
+    match o {
+        Outcome::Bool(b) => b,
+        other => unreachable!("operation yields Bool, got {other:?}"),
+    }
+}
+
+/// Applies one replayed WAL entry to the index; returns the updated memory account.
+fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64) -> u64 {
+    let key = entry.key();
+    let mut shard = index.shard(index.shard_of(key)).write();
+    match *entry {
+        Entry::Put {
+            value,
+            expires_at_ms,
+            ..
+        } => {
+            let slot = Slot {
+                value: value.into(),
+                expires_at_ms: expires_at_ms.unwrap_or(0),
+            };
+            if let Some(old) = shard.map.remove(key) {
+                memory -= entry_bytes(key.len(), old.value.len());
+            }
+            if slot.is_live(now_ms) {
+                memory += entry_bytes(key.len(), slot.value.len());
+                shard.map.insert(key.into(), slot);
+            }
+        }
+        Entry::Delete { .. } => {
+            if let Some(old) = shard.map.remove(key) {
+                memory -= entry_bytes(key.len(), old.value.len());
+            }
+        }
+        Entry::Expire { expires_at_ms, .. } => {
+            if let Some(slot) = shard.map.get_mut(key) {
+                slot.expires_at_ms = expires_at_ms.unwrap_or(0);
+            }
+        }
+    }
+    memory
+}
+
+impl Core {
+    /// Installs `change` for `key` in its (locked) shard and keeps the memory account.
+    fn install(&self, shard: &mut Shard, key: &[u8], change: Change) {
+        match change {
+            Change::None => {}
+            Change::Put {
+                value,
+                expires_at_ms,
+            } => {
+                let added = entry_bytes(key.len(), value.len());
+                let slot = Slot {
+                    value,
+                    expires_at_ms,
+                };
+                match shard.map.get_mut(key) {
+                    Some(existing) => {
+                        let removed = entry_bytes(key.len(), existing.value.len());
+                        *existing = slot;
+                        self.memory_bytes.fetch_add(added, Ordering::Relaxed);
+                        self.memory_bytes.fetch_sub(removed, Ordering::Relaxed);
+                    }
+                    None => {
+                        shard.map.insert(key.into(), slot);
+                        self.memory_bytes.fetch_add(added, Ordering::Relaxed);
+                    }
+                }
+            }
+            Change::Delete => {
+                if let Some(old) = shard.map.remove(key) {
+                    self.memory_bytes
+                        .fetch_sub(entry_bytes(key.len(), old.value.len()), Ordering::Relaxed);
+                }
+            }
+            Change::Expire { expires_at_ms } => {
+                if let Some(slot) = shard.map.get_mut(key) {
+                    slot.expires_at_ms = expires_at_ms;
+                }
+            }
+        }
+    }
+
+    /// One tick of the active expirer: in each shard, examine at most
+    /// `expire_scan_per_shard` entries from where the last tick stopped and reclaim the expired
+    /// ones, logging their deletion (buffered) so they cannot reappear after a restart. The
+    /// bound keeps every shard-lock hold short whatever expires at once.
+    fn expire_tick(&self) {
+        let now = self.clock.now_ms();
+        for i in 0..self.index.shard_count() {
+            let mut shard = self.index.shard(i).write();
+            let lower = match &shard.expire_cursor {
+                Some(c) => std::ops::Bound::Excluded(&**c),
+                None => std::ops::Bound::Unbounded,
+            };
+            let mut examined = 0;
+            let mut last: Option<&[u8]> = None;
+            let mut expired: Vec<Box<[u8]>> = Vec::new();
+            for (k, slot) in shard
+                .map
+                .range::<[u8], _>((lower, std::ops::Bound::Unbounded))
+                .take(self.expire_scan_per_shard)
+            {
+                examined += 1;
+                last = Some(k);
+                if !slot.is_live(now) {
+                    expired.push(k.clone());
+                }
+            }
+            let next_cursor = if examined < self.expire_scan_per_shard {
+                None
+            } else {
+                last.map(Box::from)
+            };
+            if !expired.is_empty() {
+                if let Some(wal) = &self.wal {
+                    let entries: Vec<Entry<'_>> =
+                        expired.iter().map(|k| Entry::Delete { key: k }).collect();
+                    if wal.shared().append(now, &entries, Durability::Buffered).is_err() {
+                        // Poisoned or closing: leave the entries; they are invisible anyway.
+                        return;
+                    }
+                }
+                for k in &expired {
+                    self.install(&mut shard, k, Change::Delete);
+                }
+                self.expired_reclaimed
+                    .fetch_add(expired.len() as u64, Ordering::Relaxed);
+            }
+            shard.expire_cursor = next_cursor;
+        }
+    }
+}
+
+/// The on-disk path of a store's lock file.
+pub fn lock_path(dir: &Path) -> PathBuf {
+    join(dir, LOCK_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rounds_up_and_rejects_zero_and_huge() {
+        assert_eq!(ttl_ms(Duration::from_micros(1)).unwrap(), 1);
+        assert_eq!(ttl_ms(Duration::from_millis(1500)).unwrap(), 1500);
+        assert!(matches!(ttl_ms(Duration::ZERO), Err(Error::InvalidTtl { .. })));
+        assert!(matches!(
+            ttl_ms(TTL_MAX + Duration::from_millis(1)),
+            Err(Error::InvalidTtl { .. })
+        ));
+        assert!(ttl_ms(TTL_MAX).is_ok());
+    }
+}

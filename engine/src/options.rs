@@ -1,0 +1,170 @@
+//! Configuration: [`Options`] for opening a store, [`Durability`] for when a write is
+//! acknowledged, and [`Limits`] on what one operation may carry.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::clock::{Clock, SystemClock};
+use crate::storage::{FsStorage, Storage};
+
+/// The longest TTL accepted: 10 years (3,650 days). Longer TTLs are an
+/// [`Error::InvalidTtl`](crate::Error::InvalidTtl); for "forever" store without a TTL.
+pub const TTL_MAX: Duration = Duration::from_secs(3_650 * 24 * 60 * 60);
+
+/// When a write is acknowledged to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// Return only after the write's WAL record is on disk (fdatasync). Concurrent writers
+    /// share one fdatasync (group commit). Survives process crash and power loss. The default.
+    #[default]
+    Immediate,
+    /// Return after the WAL writer has handed the record to the OS (`write(2)`); fdatasync runs
+    /// in the background at least this often. Survives a process crash; a power loss can lose
+    /// up to the interval's worth of acknowledged writes.
+    Periodic(Duration),
+    /// Return as soon as the record is queued for the WAL writer; the OS decides when it
+    /// reaches disk. A process crash can lose the queued records (microseconds' worth), a power
+    /// loss whatever the OS had not flushed.
+    Buffered,
+}
+
+/// Size limits. A violation is a typed error and writes nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest key, in bytes. Default 1,024 (which every keel backend, Postgres's b-tree
+    /// included, can index).
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes. Default 16 MiB.
+    pub max_value_bytes: usize,
+    /// Most operations in one batch. Default 10,000.
+    pub max_batch_ops: usize,
+    /// Most encoded bytes in one batch. Default 64 MiB.
+    pub max_batch_bytes: usize,
+}
+
+/// Default for [`Limits::max_key_bytes`].
+pub const KEY_BYTES_MAX_DEFAULT: usize = 1024;
+/// Default for [`Limits::max_value_bytes`].
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+/// Default for [`Limits::max_batch_ops`].
+pub const BATCH_OPS_MAX_DEFAULT: usize = 10_000;
+/// Default for [`Limits::max_batch_bytes`].
+pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
+/// The hard ceiling for any configured key limit: WAL entries frame keys with a `u16` length.
+pub const KEY_BYTES_CEILING: usize = u16::MAX as usize;
+/// The hard ceiling for any configured value or batch limit: one WAL record must fit a `u32`.
+pub const RECORD_BYTES_CEILING: usize = 1 << 30;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_key_bytes: KEY_BYTES_MAX_DEFAULT,
+            max_value_bytes: VALUE_BYTES_MAX_DEFAULT,
+            max_batch_ops: BATCH_OPS_MAX_DEFAULT,
+            max_batch_bytes: BATCH_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// How to open a store. Start from `Options::default()` and adjust with the builder methods.
+#[derive(Clone)]
+pub struct Options {
+    pub(crate) durability: Durability,
+    pub(crate) limits: Limits,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) shards: usize,
+    pub(crate) wal_segment_bytes: u64,
+    pub(crate) expire_interval: Duration,
+    pub(crate) expire_scan_per_shard: usize,
+}
+
+/// Default WAL segment size: 64 MiB.
+pub const WAL_SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
+/// Default number of index shards.
+pub const SHARDS_DEFAULT: usize = 64;
+/// Default period of the active expirer.
+pub const EXPIRE_INTERVAL_DEFAULT: Duration = Duration::from_millis(100);
+/// Default number of entries the active expirer examines per shard per tick. Bounds the time a
+/// shard is held by the expirer, whatever expires at once.
+pub const EXPIRE_SCAN_PER_SHARD_DEFAULT: usize = 256;
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            durability: Durability::default(),
+            limits: Limits::default(),
+            clock: Arc::new(SystemClock),
+            storage: Arc::new(FsStorage),
+            shards: SHARDS_DEFAULT,
+            wal_segment_bytes: WAL_SEGMENT_BYTES_DEFAULT,
+            expire_interval: EXPIRE_INTERVAL_DEFAULT,
+            expire_scan_per_shard: EXPIRE_SCAN_PER_SHARD_DEFAULT,
+        }
+    }
+}
+
+impl fmt::Debug for Options {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Options")
+            .field("durability", &self.durability)
+            .field("limits", &self.limits)
+            .field("shards", &self.shards)
+            .field("wal_segment_bytes", &self.wal_segment_bytes)
+            .field("expire_interval", &self.expire_interval)
+            .field("expire_scan_per_shard", &self.expire_scan_per_shard)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Options {
+    /// Default durability for writes (per-operation overrides via `Db::with_durability`).
+    pub fn durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// Size limits. Values above the format's ceilings are clamped to them.
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.limits = Limits {
+            max_key_bytes: limits.max_key_bytes.min(KEY_BYTES_CEILING),
+            max_value_bytes: limits.max_value_bytes.min(RECORD_BYTES_CEILING),
+            max_batch_ops: limits.max_batch_ops,
+            max_batch_bytes: limits.max_batch_bytes.min(RECORD_BYTES_CEILING),
+        };
+        self
+    }
+
+    /// The clock expiry is measured against (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The storage implementation (default: the real file system).
+    pub fn storage(mut self, storage: Arc<dyn Storage>) -> Self {
+        self.storage = storage;
+        self
+    }
+
+    /// Number of index shards, rounded up to a power of two, at least 1 (default 64).
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.shards = shards.max(1).next_power_of_two();
+        self
+    }
+
+    /// Size at which the WAL rolls to a new segment (default 64 MiB, at least 4 KiB).
+    pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
+        self.wal_segment_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Period of the active expirer (default 100 ms) and the entries it examines per shard
+    /// per tick (default 256, at least 1).
+    pub fn active_expiry(mut self, interval: Duration, scan_per_shard: usize) -> Self {
+        self.expire_interval = interval.max(Duration::from_millis(1));
+        self.expire_scan_per_shard = scan_per_shard.max(1);
+        self
+    }
+}

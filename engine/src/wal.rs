@@ -1,0 +1,592 @@
+//! The write-ahead log: segment files, the WAL writer thread with group commit, and recovery.
+//!
+//! Appending is split in two so the per-key order of records equals the order of states in
+//! memory: a writer *appends* its encoded record to the in-memory queue (getting the next LSN)
+//! while it still holds the key's shard lock, then releases the lock and *waits* for the LSN to
+//! reach the durability it asked for. One WAL writer thread takes the whole queue at once,
+//! writes it with one `write`, and (if any record in it asked for `Immediate`) makes it durable
+//! with one `fdatasync`: that is group commit. Because LSNs are assigned under the queue lock in
+//! the order records enter the buffer, "durable LSN >= n" means every record up to n is on disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Waker;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::{Error, Result};
+use crate::options::Durability;
+use crate::record::{self, DecodeError, Entry};
+use crate::storage::{Storage, WritableFile, join};
+
+/// Bytes the append queue may hold before appenders wait for the writer: bounds memory when
+/// the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
+pub(crate) const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+const SEGMENT_PREFIX: &str = "wal-";
+const SEGMENT_SUFFIX: &str = ".log";
+
+/// The file name of the segment whose first record has `first_lsn`.
+pub(crate) fn segment_name(first_lsn: u64) -> String {
+    format!("{SEGMENT_PREFIX}{first_lsn:020}{SEGMENT_SUFFIX}")
+}
+
+fn parse_segment_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix(SEGMENT_PREFIX)?.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The WAL segments in `dir`, ordered by first LSN.
+pub(crate) fn list_segments(storage: &dyn Storage, dir: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut segments: Vec<(u64, PathBuf)> = storage
+        .list(dir)?
+        .into_iter()
+        .filter_map(|name| parse_segment_name(&name).map(|lsn| (lsn, join(dir, &name))))
+        .collect();
+    segments.sort_by_key(|(lsn, _)| *lsn);
+    Ok(segments)
+}
+
+/// What reading the log found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalScan {
+    /// Segments read.
+    pub segments: usize,
+    /// Records replayed.
+    pub records: u64,
+    /// Bytes of the log holding valid records (headers included).
+    pub valid_bytes: u64,
+    /// LSN of the last valid record (0 if none).
+    pub last_lsn: u64,
+    /// Largest record time seen, Unix ms (0 if none).
+    pub max_time_ms: u64,
+    /// A torn tail: the last segment, the offset where valid data ends, and the bytes after it.
+    pub torn_tail: Option<TornTail>,
+}
+
+/// The end of the last segment that did not hold a complete record (a write cut by a crash).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    /// The segment.
+    pub file: PathBuf,
+    /// Offset where its valid data ends.
+    pub valid_len: u64,
+    /// Bytes after that offset.
+    pub torn_bytes: u64,
+    /// True if the header itself was incomplete (the segment holds no record at all).
+    pub header_torn: bool,
+}
+
+/// Reads every segment in order, calling `apply` for each valid record, without modifying
+/// anything. A torn last record is reported in [`WalScan::torn_tail`]; a bad record followed by
+/// valid data, a gap in LSNs, or a damaged sealed segment is [`Error::Corruption`].
+pub(crate) fn scan(
+    storage: &dyn Storage,
+    dir: &Path,
+    mut expected_lsn: u64,
+    mut apply: impl FnMut(u64, u64, &[Entry<'_>]),
+) -> Result<WalScan> {
+    let segments = list_segments(storage, dir)?;
+    let mut out = WalScan {
+        last_lsn: expected_lsn.saturating_sub(1),
+        ..WalScan::default()
+    };
+    // Segments wholly covered by a snapshot (first LSN below the expected one and a successor
+    // that also starts at or below it) are skipped.
+    let start = segments
+        .iter()
+        .rposition(|(first, _)| *first <= expected_lsn)
+        .unwrap_or(0);
+    let count = segments.len();
+    for (i, (first_lsn, path)) in segments.iter().enumerate().skip(start) {
+        let is_last = i + 1 == count;
+        let bytes = storage.read(path)?;
+        out.segments += 1;
+        let header_lsn = match record::decode_segment_header(&bytes) {
+            Ok(lsn) => lsn,
+            Err(DecodeError::Truncated { .. }) if is_last => {
+                out.torn_tail = Some(TornTail {
+                    file: path.clone(),
+                    valid_len: 0,
+                    torn_bytes: bytes.len() as u64,
+                    header_torn: true,
+                });
+                break;
+            }
+            Err(DecodeError::Truncated { .. }) => {
+                return Err(Error::corruption(path, 0, "segment header is incomplete"));
+            }
+            Err(DecodeError::Invalid(why)) => return Err(Error::corruption(path, 0, why)),
+        };
+        if header_lsn != *first_lsn {
+            return Err(Error::corruption(
+                path,
+                16,
+                format!("header says first LSN {header_lsn}, file name says {first_lsn}"),
+            ));
+        }
+        if *first_lsn > expected_lsn {
+            return Err(Error::corruption(
+                path,
+                16,
+                format!("log has a gap: expected LSN {expected_lsn}, segment starts at {first_lsn}"),
+            ));
+        }
+        let mut offset = record::SEGMENT_HEADER_BYTES;
+        out.valid_bytes += offset as u64;
+        while offset < bytes.len() {
+            match record::decode_frame(&bytes[offset..]) {
+                Ok((frame, used)) => {
+                    if frame.lsn < expected_lsn {
+                        // Covered by a snapshot: already applied.
+                    } else if frame.lsn == expected_lsn {
+                        let entries = record::decode_entries(frame.body).map_err(|e| {
+                            Error::corruption(path, offset as u64, format!("bad record body: {e:?}"))
+                        })?;
+                        apply(frame.lsn, frame.time_ms, &entries);
+                        out.records += 1;
+                        out.last_lsn = frame.lsn;
+                        expected_lsn += 1;
+                    } else {
+                        return Err(Error::corruption(
+                            path,
+                            offset as u64,
+                            format!("expected LSN {expected_lsn}, found {}", frame.lsn),
+                        ));
+                    }
+                    out.max_time_ms = out.max_time_ms.max(frame.time_ms);
+                    offset += used;
+                    out.valid_bytes += used as u64;
+                }
+                Err(err) => {
+                    let tail = &bytes[offset..];
+                    if is_last && !has_valid_frame_after(tail, expected_lsn) {
+                        out.torn_tail = Some(TornTail {
+                            file: path.clone(),
+                            valid_len: offset as u64,
+                            torn_bytes: tail.len() as u64,
+                            header_torn: false,
+                        });
+                        break;
+                    }
+                    let reason = match err {
+                        DecodeError::Truncated { needed, have } => {
+                            format!("record needs {needed} bytes, segment has {have}")
+                        }
+                        DecodeError::Invalid(why) => why.to_owned(),
+                    };
+                    return Err(Error::corruption(
+                        path,
+                        offset as u64,
+                        format!("{reason}; valid records follow, so this is not a torn write"),
+                    ));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// True if some offset past the first byte of `tail` holds a valid frame with `lsn` at least
+/// `expected`: then the damage is in the middle of the log, not a torn tail. Cheap for garbage:
+/// only offsets whose LSN field is plausible are checksummed.
+fn has_valid_frame_after(tail: &[u8], expected_lsn: u64) -> bool {
+    (1..tail.len()).any(|start| {
+        let rest = &tail[start..];
+        if rest.len() < record::FRAME_HEADER_BYTES {
+            return false;
+        }
+        let mut lsn = [0u8; 8];
+        lsn.copy_from_slice(&rest[12..20]);
+        let lsn = u64::from_le_bytes(lsn);
+        lsn >= expected_lsn
+            && lsn <= expected_lsn.saturating_add(1 << 32)
+            && record::decode_frame(rest).is_ok()
+    })
+}
+
+/// State shared by appenders, waiters and the WAL writer thread.
+pub(crate) struct WalShared {
+    queue: Mutex<Queue>,
+    queue_space: Condvar,
+    doorbell: Sender<()>,
+    sync: Mutex<SyncState>,
+    synced: Condvar,
+    written_lsn: AtomicU64,
+    durable_lsn: AtomicU64,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<Option<String>>,
+    wal_bytes: AtomicU64,
+    segments: AtomicU64,
+    fsyncs: AtomicU64,
+}
+
+struct Queue {
+    buf: Vec<u8>,
+    next_lsn: u64,
+    first_lsn_in_buf: u64,
+    needs_sync: bool,
+    shutdown: bool,
+}
+
+#[derive(Default)]
+struct SyncState {
+    wakers: Vec<Waker>,
+}
+
+/// The WAL: the shared state plus the writer thread.
+pub(crate) struct Wal {
+    shared: Arc<WalShared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Writer {
+    shared: Arc<WalShared>,
+    doorbell: Receiver<()>,
+    storage: Arc<dyn Storage>,
+    dir: PathBuf,
+    file: Box<dyn WritableFile>,
+    file_bytes: u64,
+    segment_bytes: u64,
+    periodic: Option<Duration>,
+    unsynced: bool,
+    last_sync: Instant,
+    spare: Vec<u8>,
+}
+
+impl Wal {
+    /// Starts the writer on `file` (positioned at its end, `file_bytes` long), whose next record
+    /// gets `next_lsn`.
+    pub(crate) fn start(
+        storage: Arc<dyn Storage>,
+        dir: PathBuf,
+        file: Box<dyn WritableFile>,
+        file_bytes: u64,
+        next_lsn: u64,
+        wal_bytes: u64,
+        segments: u64,
+        segment_bytes: u64,
+        periodic: Option<Duration>,
+    ) -> Result<Wal> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let last = next_lsn - 1;
+        let shared = Arc::new(WalShared {
+            queue: Mutex::new(Queue {
+                buf: Vec::with_capacity(64 * 1024),
+                next_lsn,
+                first_lsn_in_buf: next_lsn,
+                needs_sync: false,
+                shutdown: false,
+            }),
+            queue_space: Condvar::new(),
+            doorbell: tx,
+            sync: Mutex::new(SyncState::default()),
+            synced: Condvar::new(),
+            written_lsn: AtomicU64::new(last),
+            durable_lsn: AtomicU64::new(last),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(None),
+            wal_bytes: AtomicU64::new(wal_bytes),
+            segments: AtomicU64::new(segments),
+            fsyncs: AtomicU64::new(0),
+        });
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            doorbell: rx,
+            storage,
+            dir,
+            file,
+            file_bytes,
+            segment_bytes,
+            periodic,
+            unsynced: false,
+            last_sync: Instant::now(),
+            spare: Vec::with_capacity(64 * 1024),
+        };
+        let handle = std::thread::Builder::new()
+            .name("keel-wal-writer".into())
+            .spawn(move || writer.run())?;
+        Ok(Wal {
+            shared,
+            writer: Mutex::new(Some(handle)),
+        })
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<WalShared> {
+        &self.shared
+    }
+
+    /// Flushes and syncs everything queued, then stops the writer. Idempotent.
+    pub(crate) fn shutdown(&self) -> Result<()> {
+        {
+            let mut q = self.shared.queue.lock();
+            q.shutdown = true;
+            q.needs_sync = true;
+        }
+        let _ = self.shared.doorbell.try_send(());
+        if let Some(handle) = self.writer.lock().take() {
+            let _ = handle.join();
+        }
+        self.shared.check_poison()
+    }
+}
+
+impl WalShared {
+    /// Refuses if the store is poisoned.
+    pub(crate) fn check_poison(&self) -> Result<()> {
+        if self.poisoned.load(Ordering::Acquire) {
+            let reason = self.poison_reason.lock().clone().unwrap_or_default();
+            return Err(Error::Poisoned(reason));
+        }
+        Ok(())
+    }
+
+    /// Waits (without holding any lock) while the queue is over its byte budget.
+    pub(crate) fn throttle(&self) {
+        let mut q = self.queue.lock();
+        while q.buf.len() >= QUEUE_BYTES_MAX && !q.shutdown && !self.poisoned.load(Ordering::Acquire)
+        {
+            self.queue_space.wait(&mut q);
+        }
+    }
+
+    /// Appends one record holding `entries`, stamped with `time_ms`; returns its LSN. Call with
+    /// the shard locks of every key in `entries` held.
+    pub(crate) fn append(
+        &self,
+        time_ms: u64,
+        entries: &[Entry<'_>],
+        durability: Durability,
+    ) -> Result<u64> {
+        self.check_poison()?;
+        let lsn = {
+            let mut q = self.queue.lock();
+            if q.shutdown {
+                return Err(Error::Closed);
+            }
+            let lsn = q.next_lsn;
+            q.next_lsn += 1;
+            if q.buf.is_empty() {
+                q.first_lsn_in_buf = lsn;
+            }
+            record::encode_record(&mut q.buf, lsn, time_ms, entries);
+            if durability == Durability::Immediate {
+                q.needs_sync = true;
+            }
+            lsn
+        };
+        // A full doorbell means the writer has a wake-up pending and will see this record.
+        let _ = self.doorbell.try_send(());
+        Ok(lsn)
+    }
+
+    fn reached(&self, lsn: u64, durability: Durability) -> bool {
+        match durability {
+            Durability::Immediate => self.durable_lsn.load(Ordering::Acquire) >= lsn,
+            Durability::Periodic(_) => self.written_lsn.load(Ordering::Acquire) >= lsn,
+            Durability::Buffered => true,
+        }
+    }
+
+    /// Blocks until record `lsn` has reached `durability`.
+    pub(crate) fn wait(&self, lsn: u64, durability: Durability) -> Result<()> {
+        if self.reached(lsn, durability) {
+            return Ok(());
+        }
+        let mut state = self.sync.lock();
+        loop {
+            if self.reached(lsn, durability) {
+                return Ok(());
+            }
+            self.check_poison()?;
+            self.synced.wait(&mut state);
+        }
+    }
+
+    /// Non-blocking check for async callers: `Ok(true)` when reached, else registers `waker`.
+    pub(crate) fn poll(&self, lsn: u64, durability: Durability, waker: &Waker) -> Result<bool> {
+        if self.reached(lsn, durability) {
+            return Ok(true);
+        }
+        let mut state = self.sync.lock();
+        if self.reached(lsn, durability) {
+            return Ok(true);
+        }
+        self.check_poison()?;
+        if !state.wakers.iter().any(|w| w.will_wake(waker)) {
+            state.wakers.push(waker.clone());
+        }
+        Ok(false)
+    }
+
+    fn publish(&self, written: u64, durable: Option<u64>) {
+        let wakers = {
+            let mut state = self.sync.lock();
+            self.written_lsn.store(written, Ordering::Release);
+            if let Some(d) = durable {
+                self.durable_lsn.store(d, Ordering::Release);
+            }
+            std::mem::take(&mut state.wakers)
+        };
+        self.synced.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    fn poison(&self, what: &str, err: &std::io::Error) {
+        *self.poison_reason.lock() = Some(format!("{what}: {err}"));
+        self.poisoned.store(true, Ordering::Release);
+        let wakers = std::mem::take(&mut self.sync.lock().wakers);
+        self.synced.notify_all();
+        self.queue_space.notify_all();
+        for w in wakers {
+            w.wake();
+        }
+    }
+
+    /// (bytes in all segments, number of segments, fdatasyncs so far, durable LSN).
+    pub(crate) fn stats(&self) -> (u64, u64, u64, u64) {
+        (
+            self.wal_bytes.load(Ordering::Relaxed),
+            self.segments.load(Ordering::Relaxed),
+            self.fsyncs.load(Ordering::Relaxed),
+            self.durable_lsn.load(Ordering::Acquire),
+        )
+    }
+
+    pub(crate) fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        loop {
+            let timeout = match self.periodic {
+                Some(interval) if self.unsynced => interval.saturating_sub(self.last_sync.elapsed()),
+                _ => Duration::from_secs(3600),
+            };
+            match self.doorbell.recv_timeout(timeout) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => {}
+            }
+            let (batch_last, first, needs_sync, shutdown) = {
+                let mut q = self.shared.queue.lock();
+                std::mem::swap(&mut q.buf, &mut self.spare);
+                let needs_sync = std::mem::take(&mut q.needs_sync);
+                (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
+            };
+            self.shared.queue_space.notify_all();
+            if self.shared.is_poisoned() {
+                // Nothing more reaches the disk; waiters were woken with the poison.
+                self.spare.clear();
+                if shutdown {
+                    return;
+                }
+                continue;
+            }
+            let has_records = !self.spare.is_empty();
+            if has_records {
+                if let Err((what, e)) = self.write_batch(first) {
+                    self.shared.poison(what, &e);
+                    self.spare.clear();
+                    continue;
+                }
+                self.spare.clear();
+                self.unsynced = true;
+            }
+            let periodic_due = self
+                .periodic
+                .is_some_and(|iv| self.unsynced && self.last_sync.elapsed() >= iv);
+            let mut durable = None;
+            if self.unsynced && (needs_sync || periodic_due || shutdown) {
+                self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.file.sync_data() {
+                    // Never retry an fsync and acknowledge: the kernel may have dropped the
+                    // dirty pages (fsyncgate). Poison and make every waiter fail.
+                    self.shared.poison("fdatasync of the WAL failed", &e);
+                    continue;
+                }
+                self.unsynced = false;
+                self.last_sync = Instant::now();
+                durable = Some(batch_last);
+            } else if !self.unsynced {
+                durable = Some(batch_last);
+            }
+            if has_records || durable.is_some() {
+                self.shared.publish(batch_last, durable);
+            }
+            if shutdown {
+                let q = self.shared.queue.lock();
+                if q.buf.is_empty() {
+                    return;
+                }
+            }
+        }
+    }
+
+    fn write_batch(&mut self, first_lsn: u64) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        if self.file_bytes >= self.segment_bytes {
+            self.roll(first_lsn)?;
+        }
+        self.file
+            .write_all(&self.spare)
+            .map_err(|e| ("write to the WAL failed", e))?;
+        self.file_bytes += self.spare.len() as u64;
+        self.shared
+            .wal_bytes
+            .fetch_add(self.spare.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Seals the current segment and starts a new one whose first record is `first_lsn`.
+    fn roll(&mut self, first_lsn: u64) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        // The sealed segment must be durable before records land in the next one, or recovery
+        // could see a later segment after a torn earlier one.
+        self.file
+            .sync_data()
+            .map_err(|e| ("fdatasync of the sealed WAL segment failed", e))?;
+        let path = join(&self.dir, &segment_name(first_lsn));
+        let mut file = self
+            .storage
+            .create(&path)
+            .map_err(|e| ("creating a WAL segment failed", e))?;
+        let header = record::encode_segment_header(first_lsn);
+        file.write_all(&header)
+            .map_err(|e| ("writing a WAL segment header failed", e))?;
+        file.sync_data()
+            .map_err(|e| ("fdatasync of a new WAL segment failed", e))?;
+        // fsync the directory so the new segment's name survives power loss.
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(|e| ("fsync of the store directory failed", e))?;
+        self.file = file;
+        self.file_bytes = header.len() as u64;
+        self.shared
+            .wal_bytes
+            .fetch_add(header.len() as u64, Ordering::Relaxed);
+        self.shared.segments.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segment_names_sort_by_lsn_and_parse_back() {
+        assert_eq!(segment_name(1), "wal-00000000000000000001.log");
+        assert_eq!(parse_segment_name(&segment_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(parse_segment_name("wal-1.log"), None);
+        assert_eq!(parse_segment_name("snapshot-00000000000000000001.snap"), None);
+    }
+}
