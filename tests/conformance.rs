@@ -31,3 +31,80 @@ async fn conformance_embedded() {
     let dir = tempfile::tempdir().unwrap();
     check(Arc::new(Embedded::open(dir.path()).unwrap()), "embedded").await;
 }
+
+/// The URL of a server backend from the environment. Unset is a failure with instructions,
+/// never a skip.
+#[allow(dead_code)]
+fn server_url(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set, so this backend's conformance cannot run. Run `scripts/test`, \
+             which starts Redis, Valkey and Postgres on this machine and sets it, or set it \
+             yourself to a server you started."
+        ),
+    }
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_redis() {
+    let url = server_url("KEEL_TEST_REDIS_URL");
+    let backend = keel_adapters::redis::RedisBackend::connect(&url).await.unwrap();
+    check(Arc::new(backend), "redis").await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_valkey() {
+    let url = server_url("KEEL_TEST_VALKEY_URL");
+    let backend = keel_adapters::valkey::ValkeyBackend::connect(&url).await.unwrap();
+    check(Arc::new(backend), "valkey").await;
+}
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_postgres() {
+    let url = server_url("KEEL_TEST_POSTGRES_URL");
+    let backend = keel_adapters::postgres::PostgresBackend::connect(&url).await.unwrap();
+    backend.ensure_schema().await.unwrap();
+    check(Arc::new(backend), "postgres").await;
+}
+
+#[cfg(feature = "sled")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_sled() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = keel_adapters::sled::SledBackend::open(dir.path()).unwrap();
+    check(Arc::new(backend), "sled").await;
+}
+
+#[cfg(feature = "redb")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = keel_adapters::redb::RedbBackend::open(dir.path().join("keel.redb")).unwrap();
+    check(Arc::new(backend), "redb").await;
+}
+
+/// Under CI every backend must be compiled in: a build without an adapter's feature would
+/// silently drop that backend's conformance run.
+#[test]
+fn every_backend_is_compiled_in_under_ci() {
+    let missing: Vec<&str> = [
+        ("redis", cfg!(feature = "redis")),
+        ("valkey", cfg!(feature = "valkey")),
+        ("postgres", cfg!(feature = "postgres")),
+        ("sled", cfg!(feature = "sled")),
+        ("redb", cfg!(feature = "redb")),
+    ]
+    .into_iter()
+    .filter(|(_, on)| !on)
+    .map(|(name, _)| name)
+    .collect();
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        assert!(missing.is_empty(), "built without backends {missing:?}: run with --all-features");
+    } else if !missing.is_empty() {
+        eprintln!("note: backends not compiled in (use --all-features): {missing:?}");
+    }
+}

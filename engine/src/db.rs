@@ -71,6 +71,8 @@ pub struct ScanEntry {
     pub key: Vec<u8>,
     /// The value, when the scan asked for values.
     pub value: Option<Vec<u8>>,
+    /// Absolute expiry (Unix ms), when the scan asked for values.
+    pub expires_at_ms: Option<u64>,
 }
 
 /// A page of a prefix scan.
@@ -91,6 +93,11 @@ enum BatchOp {
         key: Vec<u8>,
         value: Vec<u8>,
         ttl: Option<Duration>,
+    },
+    SetAt {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        expires_at_ms: Option<u64>,
     },
     Delete {
         key: Vec<u8>,
@@ -118,6 +125,23 @@ impl Batch {
         });
         self
     }
+    /// Adds a set of `key` to `value` expiring at the absolute Unix time `expires_at_ms` (as
+    /// `keel dump` prints it). An expiry at or before the store's "now" when the batch is
+    /// applied writes nothing for this key and deletes any existing value.
+    pub fn set_expiring_at(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        expires_at_ms: Option<u64>,
+    ) -> &mut Self {
+        self.ops.push(BatchOp::SetAt {
+            key: key.into(),
+            value: value.into(),
+            expires_at_ms,
+        });
+        self
+    }
+
     /// Adds a delete of `key`.
     pub fn delete(&mut self, key: impl Into<Vec<u8>>) -> &mut Self {
         self.ops.push(BatchOp::Delete { key: key.into() });
@@ -633,7 +657,11 @@ impl Db {
         ScanPage {
             entries: found
                 .into_iter()
-                .map(|(key, value)| ScanEntry { key, value })
+                .map(|(key, value, expires_at_ms)| ScanEntry {
+                    key,
+                    value,
+                    expires_at_ms,
+                })
                 .collect(),
             next,
         }
@@ -1021,6 +1049,12 @@ impl Db {
                     ttls.push(ttl.map(ttl_ms).transpose()?);
                     bytes += 1 + 2 + key.len() + 8 + 4 + value.len();
                 }
+                BatchOp::SetAt { key, value, .. } => {
+                    self.check_key(key)?;
+                    self.check_value(value)?;
+                    ttls.push(None);
+                    bytes += 1 + 2 + key.len() + 8 + 4 + value.len();
+                }
                 BatchOp::Delete { key } => {
                     self.check_key(key)?;
                     ttls.push(None);
@@ -1046,7 +1080,9 @@ impl Db {
             .ops
             .iter()
             .map(|op| match op {
-                BatchOp::Set { key, .. } | BatchOp::Delete { key } => core.index.shard_of(key),
+                BatchOp::Set { key, .. } | BatchOp::SetAt { key, .. } | BatchOp::Delete { key } => {
+                    core.index.shard_of(key)
+                }
             })
             .collect();
         let op_shards = shard_ids.clone();
@@ -1066,6 +1102,18 @@ impl Db {
                     key,
                     value,
                     expires_at_ms: ttl.map(|t| now.saturating_add(t)),
+                },
+                BatchOp::SetAt {
+                    key,
+                    value,
+                    expires_at_ms,
+                } => match expires_at_ms {
+                    Some(at) if *at <= now => Entry::Delete { key },
+                    _ => Entry::Put {
+                        key,
+                        value,
+                        expires_at_ms: *expires_at_ms,
+                    },
                 },
                 BatchOp::Delete { key } => Entry::Delete { key },
             })

@@ -86,12 +86,12 @@ impl Index {
         limit: usize,
         now_ms: u64,
         with_values: bool,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>, Option<u64>)> {
         let lower = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
         };
-        let mut found: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut found = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.read();
             let range = shard
@@ -101,10 +101,14 @@ impl Index {
                 .filter(|(_, slot)| slot.is_live(now_ms))
                 .take(limit);
             for (k, slot) in range {
-                found.push((k.to_vec(), with_values.then(|| slot.value.to_vec())));
+                let (value, expiry) = match with_values {
+                    true => (Some(slot.value.to_vec()), slot.expiry()),
+                    false => (None, None),
+                };
+                found.push((k.to_vec(), value, expiry));
             }
         }
-        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.sort_unstable_by(|a: &(Vec<u8>, _, _), b| a.0.cmp(&b.0));
         found.truncate(limit);
         found
     }

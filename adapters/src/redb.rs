@@ -1,0 +1,1 @@
+//! redb adapter (being written).

@@ -1,0 +1,1 @@
+//! sled adapter (being written).

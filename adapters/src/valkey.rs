@@ -1,0 +1,1 @@
+//! valkey adapter (being written).
