@@ -1,1 +1,115 @@
-//! keel
+//! keel: state for services without infrastructure on day one.
+//!
+//! This facade re-exports the workspace's crates and adds [`connect`], which turns one URL
+//! into a [`Backend`]: the same service code runs on the embedded engine today and on Redis,
+//! Valkey or Postgres tomorrow by changing only that URL.
+//!
+//! - [`engine`] (`keel-engine`): the embedded TTL-aware key-value engine.
+//! - [`primitives`] (`keel-primitives`): the `Backend` contract and the service primitives.
+//! - [`adapters`] (`keel-adapters`): the contract on Redis, Valkey, Postgres, sled and redb,
+//!   one cargo feature each (`redis`, `valkey`, `postgres`, `sled`, `redb`, or `full`).
+
+use std::path::Path;
+use std::sync::Arc;
+
+pub use keel_adapters as adapters;
+pub use keel_engine as engine;
+pub use keel_primitives as primitives;
+pub use keel_primitives::{Backend, Embedded, Error, ErrorKind, Namespaced, Result};
+
+/// Opens the backend a URL names.
+///
+/// | URL | backend |
+/// |---|---|
+/// | `memory://` | the embedded engine, memory only |
+/// | a path (`./keel-data`, `/var/lib/app`) or `file:PATH` | the embedded engine on disk |
+/// | `redis://…`, `rediss://…` | Redis (feature `redis`) |
+/// | `valkey://…`, `valkeys://…` | Valkey (feature `valkey`) |
+/// | `postgres://…`, `postgresql://…` | Postgres (feature `postgres`); the table is created if missing |
+/// | `sled:PATH` | sled (feature `sled`) |
+/// | `redb:PATH` | redb (feature `redb`) |
+///
+/// # Errors
+/// [`ErrorKind::InvalidInput`] for an unknown scheme or a backend whose feature is not compiled
+/// in; the backend's own error (classified) when it cannot be opened or reached.
+pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    let (scheme, rest) = match url.split_once(':') {
+        // A single letter before ':' would be a Windows drive, and "./x:y" a path: only a
+        // plain alphanumeric word counts as a scheme.
+        Some((s, rest)) if s.len() > 1 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+') => {
+            (s.to_ascii_lowercase(), rest)
+        }
+        _ => return Ok(Arc::new(Embedded::open(Path::new(url))?)),
+    };
+    match scheme.as_str() {
+        "memory" => Ok(Arc::new(Embedded::memory())),
+        "file" => Ok(Arc::new(Embedded::open(Path::new(rest.trim_start_matches("//")))?)),
+        "redis" | "rediss" => redis(url).await,
+        "valkey" | "valkeys" => valkey(url).await,
+        "postgres" | "postgresql" => postgres(url).await,
+        "sled" => sled(rest),
+        "redb" => redb(rest),
+        other => Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "unknown backend scheme `{other}:` in {url:?}; use a path, memory://, redis://, \
+                 rediss://, valkey://, postgres://, sled:PATH or redb:PATH"
+            ),
+        )),
+    }
+}
+
+#[allow(dead_code)]
+fn not_compiled(feature: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("keel was built without the `{feature}` feature; enable it to use this URL"),
+    )
+}
+
+#[cfg(feature = "redis")]
+async fn redis(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(adapters::redis::RedisBackend::connect(url).await?))
+}
+#[cfg(not(feature = "redis"))]
+async fn redis(_: &str) -> Result<Arc<dyn Backend>> {
+    Err(not_compiled("redis"))
+}
+
+#[cfg(feature = "valkey")]
+async fn valkey(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(adapters::valkey::ValkeyBackend::connect(url).await?))
+}
+#[cfg(not(feature = "valkey"))]
+async fn valkey(_: &str) -> Result<Arc<dyn Backend>> {
+    Err(not_compiled("valkey"))
+}
+
+#[cfg(feature = "postgres")]
+async fn postgres(url: &str) -> Result<Arc<dyn Backend>> {
+    let backend = adapters::postgres::PostgresBackend::connect(url).await?;
+    backend.ensure_schema().await?;
+    Ok(Arc::new(backend))
+}
+#[cfg(not(feature = "postgres"))]
+async fn postgres(_: &str) -> Result<Arc<dyn Backend>> {
+    Err(not_compiled("postgres"))
+}
+
+#[cfg(feature = "sled")]
+fn sled(path: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(adapters::sled::SledBackend::open(path)?))
+}
+#[cfg(not(feature = "sled"))]
+fn sled(_: &str) -> Result<Arc<dyn Backend>> {
+    Err(not_compiled("sled"))
+}
+
+#[cfg(feature = "redb")]
+fn redb(path: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(adapters::redb::RedbBackend::open(path)?))
+}
+#[cfg(not(feature = "redb"))]
+fn redb(_: &str) -> Result<Arc<dyn Backend>> {
+    Err(not_compiled("redb"))
+}
