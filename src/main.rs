@@ -1,1 +1,223 @@
-fn main() {}
+//! The `keel` command-line tool: inspect and change a keel store on local disk, check its
+//! files, move its data in and out as JSON lines, and take a guided tour (`keel demo`).
+//!
+//! This file owns the argument grammar (every command and option is documented here, which is
+//! also what `keel help` prints) and the exit-code policy; the commands themselves live in
+//! `src/cli`. Keys and values are taken from the command line as raw bytes (on Unix, exactly
+//! the bytes of the argument), so non-UTF-8 keys can be used too.
+
+mod cli;
+
+use std::ffi::OsString;
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use cli::commands;
+use cli::duration::parse_duration;
+use cli::failure::{CmdResult, Failure};
+
+/// The store directory used when neither `--db` nor `KEEL_DB` is given.
+const DB_DIR_DEFAULT: &str = "./keel-data";
+/// The environment variable naming the store directory when `--db` is not given.
+const DB_DIR_ENV: &str = "KEEL_DB";
+
+const AFTER_HELP: &str = "\
+Durations (--ttl, expire) are an integer and a unit: 500ms, 10s, 5m, 1h.
+
+Exit codes: 0 success; 1 a negative outcome (get of a missing key, set --nx on an existing
+key); 2 an error (bad arguments or input, a damaged or locked store, I/O). Errors are written
+to standard error.";
+
+/// keel: state for services, in an embedded TTL key-value store on local disk.
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, after_help = AFTER_HELP)]
+struct Cli {
+    /// The store directory [default: $KEEL_DB, else ./keel-data]. `set`, `incr`, `load` and
+    /// `demo` create it if needed; the other commands require it to exist.
+    #[arg(long, global = true, value_name = "DIR")]
+    db: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Every `keel` command.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Set KEY to VALUE and print OK.
+    ///
+    /// With --nx the key is set only if it does not exist: prints OK if it was set, otherwise
+    /// prints `not set: key exists` to standard error and exits 1.
+    Set {
+        /// The key.
+        key: OsString,
+        /// The value (a negative number such as -5 is accepted as is; put `--` before any
+        /// other value starting with `-`).
+        #[arg(allow_negative_numbers = true)]
+        value: OsString,
+        /// Expire the key after this long (e.g. 500ms, 10s, 5m, 1h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// Only set the key if it does not exist.
+        #[arg(long)]
+        nx: bool,
+    },
+    /// Print the value of KEY.
+    ///
+    /// The raw value bytes are written to standard output exactly, with no newline added.
+    /// Exits 1 (with a message on standard error) if the key does not exist.
+    Get {
+        /// The key.
+        key: OsString,
+    },
+    /// Delete KEY; prints 1 if it existed, 0 if not (exit 0 either way).
+    Del {
+        /// The key.
+        key: OsString,
+    },
+    /// Add to the integer at KEY (a missing key counts as 0) and print the new value.
+    ///
+    /// A value that is not a decimal 64-bit integer, or a result that would overflow, is an
+    /// error (exit 2) and leaves the value unchanged.
+    Incr {
+        /// The key.
+        key: OsString,
+        /// The amount to add; may be negative.
+        #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+        by: i64,
+        /// Expire the key after this long, only if this call creates it.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        ttl: Option<Duration>,
+    },
+    /// Make KEY expire after DURATION; prints 1, or 0 if the key does not exist.
+    Expire {
+        /// The key.
+        key: OsString,
+        /// The new time to live (e.g. 500ms, 10s, 5m, 1h).
+        #[arg(value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Remove KEY's expiry; prints 1 if it had one, 0 if it had none or does not exist.
+    Persist {
+        /// The key.
+        key: OsString,
+    },
+    /// Print KEY's remaining time to live in milliseconds: -1 if it does not expire, -2 if it
+    /// does not exist.
+    Ttl {
+        /// The key.
+        key: OsString,
+    },
+    /// List keys starting with PREFIX, one per line, in byte order.
+    ///
+    /// Bytes that are not printable UTF-8 are escaped (`\xNN`, `\n`, `\\`), so every key takes
+    /// exactly one line.
+    Scan {
+        /// Only keys starting with this (default: all keys).
+        prefix: Option<OsString>,
+        /// Print at most this many keys.
+        #[arg(long, value_name = "N")]
+        limit: Option<usize>,
+    },
+    /// Print the store's counters: keys, memory, WAL size and fsyncs, and what recovery did
+    /// when this command opened it.
+    Stats,
+    /// Check the checksum of every record in the store's files without opening, locking or
+    /// modifying the store.
+    ///
+    /// A torn last record (a write cut short by a crash) is reported as a note and exits 0:
+    /// the next open truncates it. Damage anywhere else exits 2 and names the file and byte
+    /// offset. A directory that does not exist or holds no store also exits 2.
+    Verify,
+    /// Write every live key as one JSON line to standard output.
+    ///
+    /// Format: {"key":"…","value":"…","expires_at_ms":1234}, with expires_at_ms (absolute Unix
+    /// milliseconds) null for keys without expiry. A key or value that is not valid UTF-8 is
+    /// written base64-encoded under key_b64 / value_b64 instead.
+    Dump,
+    /// Load a file written by `keel dump` (`-` reads standard input).
+    ///
+    /// Validation happens before any write: every line is checked first (JSON syntax, fields,
+    /// base64, size limits) and if any line is bad, up to 20 problems are listed with their
+    /// line numbers and nothing is written. Then the entries are written in atomic batches of
+    /// up to 1000 keys; entries whose expiry has already passed are skipped. A crash or I/O
+    /// error during the write phase may leave a prefix of the batches applied (each batch is
+    /// all-or-nothing); loading the same file again completes it. Prints how many keys were
+    /// loaded and skipped.
+    Load {
+        /// The dump file, or `-` for standard input.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// A narrated tour of the engine on the store directory, using only keys under `demo:`
+    /// (which it resets first, so it can be run again).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Prints help or the usage error; exits 0 for help/version and 2 for errors.
+        Err(e) => e.exit(),
+    };
+    let dir = cli
+        .db
+        .or_else(|| std::env::var_os(DB_DIR_ENV).map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DB_DIR_DEFAULT));
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let result = run(cli.command, &dir, &mut out);
+    // Flush what was printed even when the command failed part-way.
+    let flushed = out.flush().map_err(Failure::from);
+    match result.and(flushed) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            match &failure {
+                Failure::Negative(message) => report(message),
+                Failure::Error(message) => report(&format!("error: {message}")),
+                Failure::BrokenPipe => {}
+            }
+            failure.exit_code()
+        }
+    }
+}
+
+/// Writes `message` to standard error; if even that fails there is nobody left to tell.
+fn report(message: &str) {
+    let _ = writeln!(io::stderr(), "{message}");
+}
+
+/// Runs one command against the store in `dir`.
+fn run(command: Command, dir: &std::path::Path, out: &mut dyn Write) -> CmdResult {
+    match command {
+        Command::Set {
+            key,
+            value,
+            ttl,
+            nx,
+        } => commands::set(dir, &bytes(key), &bytes(value), ttl, nx, out),
+        Command::Get { key } => commands::get(dir, &bytes(key), out),
+        Command::Del { key } => commands::del(dir, &bytes(key), out),
+        Command::Incr { key, by, ttl } => commands::incr(dir, &bytes(key), by, ttl, out),
+        Command::Expire { key, duration } => commands::expire(dir, &bytes(key), duration, out),
+        Command::Persist { key } => commands::persist(dir, &bytes(key), out),
+        Command::Ttl { key } => commands::ttl(dir, &bytes(key), out),
+        Command::Scan { prefix, limit } => {
+            commands::scan(dir, &prefix.map(bytes).unwrap_or_default(), limit, out)
+        }
+        Command::Stats => commands::stats(dir, out),
+        Command::Verify => commands::verify(dir, out),
+        Command::Dump => commands::dump(dir, out),
+        Command::Load { file } => commands::load(dir, &file, out),
+        Command::Demo => cli::demo::run(dir, out),
+    }
+}
+
+/// The bytes of a command-line argument: on Unix exactly the bytes the shell passed.
+fn bytes(arg: OsString) -> Vec<u8> {
+    arg.into_encoded_bytes()
+}
