@@ -22,7 +22,12 @@ use crate::int::parse_i64;
 use crate::options::{Durability, Limits, Options, TTL_MAX};
 use crate::record::{self, Entry};
 use crate::storage::{DirLock, LockError, Storage, join};
-use crate::wal::{self, Wal, WalScan, WalShared};
+use crate::snapshot::{self, SnapshotHeader, SnapshotWriter};
+use crate::wal::{self, Wal, WalScan, WalShared, WalStart};
+
+/// How far past `snapshot_after_wal_bytes` the WAL may grow before writers take the snapshot
+/// themselves.
+const WAL_OVERDUE_FACTOR: u64 = 4;
 
 /// Name of the lock file inside a store directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -282,6 +287,8 @@ impl<T: Unpin> Future for Pending<T> {
 /// What recovery did when the store was opened.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
+    /// LSN of the snapshot loaded (0 if none).
+    pub snapshot_lsn: u64,
     /// WAL segments read.
     pub segments: usize,
     /// Records replayed.
@@ -315,6 +322,10 @@ pub struct Stats {
     pub expired_reclaimed: u64,
     /// What recovery did (`None` for memory-only stores).
     pub recovery: Option<RecoveryReport>,
+    /// Snapshots taken since open.
+    pub snapshots: u64,
+    /// The most recent snapshot taken since open.
+    pub last_snapshot: Option<SnapshotReport>,
     /// True if an I/O failure poisoned the store.
     pub poisoned: bool,
 }
@@ -322,7 +333,10 @@ pub struct Stats {
 /// Result of [`Db::verify`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifyReport {
-    /// What the WAL scan found; a torn tail is reported, not an error.
+    /// Every snapshot checked, newest first.
+    pub snapshots: Vec<(PathBuf, SnapshotHeader)>,
+    /// What the WAL scan (from the newest snapshot on) found; a torn tail is reported, not an
+    /// error.
     pub wal: WalScan,
 }
 
@@ -335,7 +349,35 @@ struct Core {
     expired_reclaimed: AtomicU64,
     recovery: Option<RecoveryReport>,
     expire_scan_per_shard: usize,
-    _lock: Option<Box<dyn DirLock>>,
+    disk: Option<Disk>,
+}
+
+/// What only an on-disk store has.
+struct Disk {
+    dir: PathBuf,
+    storage: Arc<dyn Storage>,
+    snapshot_after_bytes: u64,
+    /// Held while a snapshot is taken: one at a time.
+    compaction: Mutex<()>,
+    /// WAL bytes appended (since open) when the last snapshot started.
+    appended_at_last: AtomicU64,
+    /// (snapshots taken since open, the latest report), apart so `stats` never waits for a
+    /// running compaction.
+    reports: Mutex<(u64, Option<SnapshotReport>)>,
+    _lock: Box<dyn DirLock>,
+}
+
+/// What one snapshot (compaction) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotReport {
+    /// The snapshot holds every record up to this LSN.
+    pub lsn: u64,
+    /// Entries written.
+    pub entries: u64,
+    /// WAL segments deleted because the snapshot covers them.
+    pub segments_deleted: u64,
+    /// Wall time spent.
+    pub duration: Duration,
 }
 
 struct Inner {
@@ -408,6 +450,9 @@ impl Db {
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Db> {
         let dir = dir.as_ref().to_path_buf();
         let storage = Arc::clone(&options.storage);
+        if !options.create_if_missing && !is_store(&*storage, &dir) {
+            return Err(Error::NotAStore { path: dir });
+        }
         storage.create_dir_all(&dir)?;
         let lock = storage.lock(&join(&dir, LOCK_FILE)).map_err(|e| match e {
             LockError::Held { pid } => Error::Locked {
@@ -421,14 +466,29 @@ impl Db {
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
         let now = clock.now_ms();
         let mut memory = 0u64;
-        let scan = wal::scan(&*storage, &dir, 1, |_lsn, _time, entries| {
+        for tmp in snapshot::list_tmp(&*storage, &dir)? {
+            // A snapshot interrupted before its rename: never installed, never needed.
+            storage.remove(&tmp)?;
+        }
+        let snap = snapshot::load_newest(&*storage, &dir, |key, value, expires_at_ms| {
+            let entry = Entry::Put {
+                key,
+                value,
+                expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
+            };
+            memory = apply_replayed(&index, &entry, now, memory);
+        })?;
+        let snapshot_lsn = snap.as_ref().map_or(0, |(h, _)| h.lsn);
+        if let Some((h, _)) = &snap {
+            clock.raise_floor(h.time_ms);
+        }
+        let scan = wal::scan(&*storage, &dir, snapshot_lsn + 1, |_lsn, _time, entries| {
             for entry in entries {
                 memory = apply_replayed(&index, entry, now, memory);
             }
         })?;
         clock.raise_floor(scan.max_time_ms);
         let mut bytes_truncated = 0;
-        let mut wal_bytes = scan.valid_bytes;
         let mut segments = wal::list_segments(&*storage, &dir)?;
         if let Some(torn) = &scan.torn_tail {
             bytes_truncated = torn.torn_bytes;
@@ -444,12 +504,8 @@ impl Db {
             }
         }
         let next_lsn = scan.last_lsn + 1;
-        let (file, file_bytes) = match segments.last() {
-            Some((_, path)) => {
-                let file = storage.open_append(path)?;
-                let len = storage.read(path)?.len() as u64;
-                (file, len)
-            }
+        let (file, file_bytes, active_first) = match segments.last() {
+            Some((first, path)) => (storage.open_append(path)?, storage.len(path)?, *first),
             None => {
                 let path = join(&dir, &wal::segment_name(next_lsn));
                 let mut file = storage.create(&path)?;
@@ -458,30 +514,35 @@ impl Db {
                 file.sync_data()?;
                 // fsync the directory so the new segment's name survives power loss.
                 storage.sync_dir(&dir)?;
-                wal_bytes += header.len() as u64;
                 segments.push((next_lsn, path));
-                (file, header.len() as u64)
+                (file, header.len() as u64, next_lsn)
             }
         };
+        let mut wal_bytes = 0;
+        for (_, path) in &segments {
+            wal_bytes += storage.len(path)?;
+        }
         let periodic = match options.durability {
             Durability::Periodic(iv) => Some(iv),
             _ => None,
         };
-        let wal = Wal::start(
-            Arc::clone(&storage),
-            dir.clone(),
+        let wal = Wal::start(WalStart {
+            storage: Arc::clone(&storage),
+            dir: dir.clone(),
             file,
             file_bytes,
             next_lsn,
             wal_bytes,
-            segments.len() as u64,
-            options.wal_segment_bytes,
+            segments: segments.len() as u64,
+            segment_bytes: options.wal_segment_bytes,
             periodic,
-        )?;
+            active_first_lsn: active_first,
+        })?;
         let keys = (0..index.shard_count())
             .map(|i| index.shard(i).read().map.len() as u64)
             .sum();
         let recovery = RecoveryReport {
+            snapshot_lsn,
             segments: scan.segments,
             records: scan.records,
             bytes_truncated,
@@ -489,23 +550,33 @@ impl Db {
             last_lsn: scan.last_lsn,
             duration: started.elapsed(),
         };
-        Ok(Db::assemble(
-            index,
-            Some(wal),
-            clock,
-            &options,
-            memory,
-            Some(recovery),
-            Some(lock),
-        ))
+        let disk = Disk {
+            dir,
+            storage,
+            snapshot_after_bytes: options.snapshot_after_wal_bytes,
+            compaction: Mutex::new(()),
+            appended_at_last: AtomicU64::new(0),
+            reports: Mutex::new((0, None)),
+            _lock: lock,
+        };
+        let db = Db::assemble(index, Some(wal), clock, &options, memory, Some(recovery), Some(disk))?;
+        // Delete what an interrupted compaction may have left: older snapshots and covered
+        // segments.
+        db.core().truncate_covered(snapshot_lsn)?;
+        Ok(db)
     }
 
     /// A store with no files at all: everything lives in memory and is gone when the last
     /// clone is dropped. Durability settings do not apply.
+    ///
+    /// # Panics
+    /// If the operating system refuses to start the store's maintenance thread (it cannot run
+    /// without one; `Db::open` returns that as an error instead).
     pub fn memory(options: Options) -> Db {
         let index = Index::new(options.shards);
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
         Db::assemble(index, None, clock, &options, 0, None, None)
+            .expect("the OS refused to start keel's maintenance thread")
     }
 
     fn assemble(
@@ -515,8 +586,8 @@ impl Db {
         options: &Options,
         memory: u64,
         recovery: Option<RecoveryReport>,
-        lock: Option<Box<dyn DirLock>>,
-    ) -> Db {
+        disk: Option<Disk>,
+    ) -> Result<Db> {
         let core = Arc::new(Core {
             index,
             wal,
@@ -526,39 +597,70 @@ impl Db {
             expired_reclaimed: AtomicU64::new(0),
             recovery,
             expire_scan_per_shard: options.expire_scan_per_shard,
-            _lock: lock,
+            disk,
         });
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let expirer_core = Arc::clone(&core);
         let interval = options.expire_interval;
         let handle = std::thread::Builder::new()
-            .name("keel-expirer".into())
+            .name("keel-maintenance".into())
             .spawn(move || {
                 // Ticks until the sender is dropped (store closing).
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stop_rx.recv_timeout(interval)
                 {
                     expirer_core.expire_tick();
+                    if expirer_core.snapshot_due() {
+                        // A failure poisons nothing: the WAL still holds everything, and the
+                        // next tick tries again. Callers see errors through `Db::compact`.
+                        let _ = expirer_core.compact_when(Core::snapshot_due);
+                    }
                 }
             })
-            .expect("spawning the expirer thread");
-        Db {
+            ?;
+        Ok(Db {
             inner: Arc::new(Inner {
                 core,
                 expirer: Mutex::new(Some((stop_tx, handle))),
             }),
             durability: options.durability,
-        }
+        })
     }
 
     /// Checks every WAL segment's checksums in `dir` without modifying anything and without
     /// taking the lock. A torn last record is reported in the result; real damage is an error.
     ///
     /// # Errors
-    /// [`Error::Corruption`] naming the file and offset; [`Error::Io`].
+    /// [`Error::NotAStore`] if `dir` holds no WAL segment or snapshot; [`Error::Corruption`]
+    /// naming the file and offset; [`Error::Io`].
     pub fn verify(dir: impl AsRef<Path>, storage: &dyn Storage) -> Result<VerifyReport> {
-        let wal = wal::scan(storage, dir.as_ref(), 1, |_, _, _| {})?;
-        Ok(VerifyReport { wal })
+        let dir = dir.as_ref();
+        if !is_store(storage, dir) {
+            return Err(Error::NotAStore {
+                path: dir.to_path_buf(),
+            });
+        }
+        let mut snapshots = Vec::new();
+        for (_, path) in snapshot::list(storage, dir)? {
+            let bytes = storage.read(&path)?;
+            let header = snapshot::decode(&bytes, |_, _, _| {})
+                .map_err(|e| Error::corruption(&path, 0, format!("snapshot is damaged: {e:?}")))?;
+            snapshots.push((path, header));
+        }
+        let from = snapshots.first().map_or(0, |(_, h)| h.lsn) + 1;
+        let wal = wal::scan(storage, dir, from, |_, _, _| {})?;
+        Ok(VerifyReport { snapshots, wal })
+    }
+
+    /// Writes a snapshot of every live entry now and deletes the WAL segments and older
+    /// snapshots it covers. Reads and writes continue while it runs (each shard is held for
+    /// the time it takes to copy it). Memory-only stores return `Ok(None)`.
+    ///
+    /// # Errors
+    /// I/O errors writing the snapshot (the store stays usable and the WAL keeps everything);
+    /// `Poisoned` if the WAL cannot be made durable.
+    pub fn compact(&self) -> Result<Option<SnapshotReport>> {
+        self.core().compact_when(|_| true)
     }
 
     /// A handle to the same store whose writes use `durability` instead of the store default:
@@ -689,6 +791,8 @@ impl Db {
             durable_lsn,
             expired_reclaimed: core.expired_reclaimed.load(Ordering::Relaxed),
             recovery: core.recovery.clone(),
+            snapshots: core.disk.as_ref().map_or(0, |d| d.reports.lock().0),
+            last_snapshot: core.disk.as_ref().and_then(|d| d.reports.lock().1.clone()),
             poisoned,
         }
     }
@@ -979,8 +1083,16 @@ impl Db {
     }
 
     fn before_write(&self) -> Result<()> {
-        if let Some(wal) = &self.core().wal {
+        let core = self.core();
+        if let Some(wal) = &core.wal {
             wal.shared().check_poison()?;
+            if core.snapshot_overdue() {
+                // Backpressure: the WAL is 4x past its snapshot threshold. Take the snapshot
+                // here (no lock held; concurrent writers queue on the compaction mutex and
+                // find it done). A failure is left to the maintenance thread to retry: the
+                // write itself can still be made durable.
+                let _ = core.compact_when(Core::snapshot_overdue);
+            }
             wal.shared().throttle();
         }
         Ok(())
@@ -1142,6 +1254,12 @@ impl Db {
     }
 }
 
+/// True if `dir` exists and holds at least one WAL segment or snapshot.
+fn is_store(storage: &dyn Storage, dir: &Path) -> bool {
+    let has_wal = wal::list_segments(storage, dir).is_ok_and(|s| !s.is_empty());
+    has_wal || snapshot::list(storage, dir).is_ok_and(|s| !s.is_empty())
+}
+
 fn outcome_bool(o: Outcome) -> bool {
     match o {
         Outcome::Bool(b) => b,
@@ -1186,6 +1304,128 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64
 }
 
 impl Core {
+    /// WAL bytes appended since the last snapshot started, and the automatic threshold.
+    fn wal_growth(&self) -> Option<(u64, u64)> {
+        match (&self.disk, &self.wal) {
+            (Some(disk), Some(wal)) if !wal.shared().is_poisoned() => {
+                let appended = wal.shared().appended_bytes();
+                let since = appended.saturating_sub(disk.appended_at_last.load(Ordering::Relaxed));
+                Some((since, disk.snapshot_after_bytes))
+            }
+            _ => None,
+        }
+    }
+
+    /// True when enough WAL has been appended since the last snapshot (the maintenance thread
+    /// then takes one).
+    fn snapshot_due(&self) -> bool {
+        self.wal_growth().is_some_and(|(since, limit)| since >= limit)
+    }
+
+    /// True when the maintenance thread has fallen far behind (4x the threshold): writers
+    /// then take the snapshot themselves before writing, so the WAL stays bounded whatever the
+    /// write rate and however the threads are scheduled.
+    fn snapshot_overdue(&self) -> bool {
+        self.wal_growth()
+            .is_some_and(|(since, limit)| since >= limit.saturating_mul(WAL_OVERDUE_FACTOR))
+    }
+
+    /// Takes a snapshot if `needed` still holds once no other compaction is running.
+    fn compact_when(&self, needed: impl Fn(&Core) -> bool) -> Result<Option<SnapshotReport>> {
+        let (Some(disk), Some(wal)) = (&self.disk, &self.wal) else {
+            return Ok(None);
+        };
+        let wal = wal.shared();
+        wal.check_poison()?;
+        // One compaction at a time; a caller that waited here may find the work done.
+        let _one_at_a_time = disk.compaction.lock();
+        if !needed(self) {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let appended_before = wal.appended_bytes();
+        // Every record up to `lsn` is installed in memory before its shard lock is released,
+        // and each shard is copied under its lock: the copy contains all of them.
+        let lsn = wal.last_appended_lsn();
+        wal.request_roll();
+        let now = self.clock.now_ms();
+        let mut writer = SnapshotWriter::create(&*disk.storage, &disk.dir, lsn, now)?;
+        let mut chunk = Vec::new();
+        for i in 0..self.index.shard_count() {
+            chunk.clear();
+            let mut n = 0;
+            {
+                let shard = self.index.shard(i).read();
+                for (key, slot) in shard.map.iter() {
+                    if slot.is_live(now) {
+                        snapshot::encode_entry(&mut chunk, key, &slot.value, slot.expires_at_ms);
+                        n += 1;
+                    }
+                }
+            }
+            writer.write_chunk(&chunk, n)?;
+        }
+        // The copy may hold states newer than `lsn`; make their records durable before the
+        // snapshot exists, so it never shows a write (or part of a batch) a crash could lose.
+        wal.sync_all()?;
+        let (_, entries) = writer.install(&*disk.storage, &disk.dir)?;
+        disk.appended_at_last.store(appended_before, Ordering::Relaxed);
+        let segments_deleted = self.truncate_covered_locked(disk, lsn)?;
+        let report = SnapshotReport {
+            lsn,
+            entries,
+            segments_deleted,
+            duration: started.elapsed(),
+        };
+        let mut reports = disk.reports.lock();
+        reports.0 += 1;
+        reports.1 = Some(report.clone());
+        Ok(Some(report))
+    }
+
+    /// Deletes snapshots older than the one at `lsn` and WAL segments whose records are all
+    /// `<= lsn`. The segment being appended to is never deleted.
+    fn truncate_covered(&self, lsn: u64) -> Result<u64> {
+        match &self.disk {
+            Some(disk) => {
+                let _one_at_a_time = disk.compaction.lock();
+                self.truncate_covered_locked(disk, lsn)
+            }
+            None => Ok(0),
+        }
+    }
+
+    fn truncate_covered_locked(&self, disk: &Disk, lsn: u64) -> Result<u64> {
+        let Some(wal) = &self.wal else { return Ok(0) };
+        let storage = &*disk.storage;
+        let mut removed_any = false;
+        for (snap_lsn, path) in snapshot::list(storage, &disk.dir)? {
+            if snap_lsn < lsn {
+                storage.remove(&path)?;
+                removed_any = true;
+            }
+        }
+        let segments = wal::list_segments(storage, &disk.dir)?;
+        let active = wal.shared().active_first_lsn();
+        let mut deleted = 0;
+        for pair in segments.windows(2) {
+            let ((first, path), (next_first, _)) = (&pair[0], &pair[1]);
+            // Every record of this segment is below the next segment's first LSN.
+            if *next_first <= lsn + 1 && *first < active {
+                let bytes = storage.len(path)?;
+                storage.remove(path)?;
+                wal.shared().segment_removed(bytes);
+                deleted += 1;
+            }
+        }
+        if removed_any || deleted > 0 {
+            // fsync the directory so the deletions are durable (not required for safety: a
+            // resurrected covered file is ignored or deleted again at the next open).
+            storage.sync_dir(&disk.dir)?;
+        }
+        Ok(deleted)
+    }
+
     /// Installs `change` for `key` in its (locked) shard and keeps the memory account.
     fn install(&self, shard: &mut Shard, key: &[u8], change: Change) {
         match change {

@@ -66,6 +66,14 @@ pub enum Error {
         /// The process that holds the lock, if it wrote its id.
         pid: Option<u32>,
     },
+    /// The directory holds no keel store (missing, or no WAL and no snapshot), and the caller
+    /// asked not to create one ([`Options::create_if_missing`](crate::Options::create_if_missing)
+    /// set to false, or `Db::verify`).
+    #[error("{} is not a keel store (no such directory, or no WAL segment or snapshot in it)", path.display())]
+    NotAStore {
+        /// The directory.
+        path: PathBuf,
+    },
     /// A file is damaged in a way recovery must not paper over (for example a bad record
     /// followed by valid ones). Nothing was modified; inspect with `keel verify`.
     #[error("corruption in {} at byte offset {offset}: {reason}", file.display())]

@@ -45,6 +45,9 @@ pub(crate) struct Shard {
     pub(crate) expire_cursor: Option<Box<[u8]>>,
 }
 
+/// One scanned entry: key, value (if asked for) and expiry (if asked for).
+pub(crate) type ScanRow = (Vec<u8>, Option<Vec<u8>>, Option<u64>);
+
 pub(crate) struct Index {
     shards: Box<[RwLock<Shard>]>,
     mask: usize,
@@ -86,7 +89,7 @@ impl Index {
         limit: usize,
         now_ms: u64,
         with_values: bool,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>, Option<u64>)> {
+    ) -> Vec<ScanRow> {
         let lower = match after {
             Some(a) if a >= prefix => Bound::Excluded(a),
             _ => Bound::Included(prefix),
@@ -108,7 +111,7 @@ impl Index {
                 found.push((k.to_vec(), value, expiry));
             }
         }
-        found.sort_unstable_by(|a: &(Vec<u8>, _, _), b| a.0.cmp(&b.0));
+        found.sort_unstable_by(|a: &ScanRow, b| a.0.cmp(&b.0));
         found.truncate(limit);
         found
     }

@@ -78,7 +78,12 @@ pub struct Options {
     pub(crate) wal_segment_bytes: u64,
     pub(crate) expire_interval: Duration,
     pub(crate) expire_scan_per_shard: usize,
+    pub(crate) snapshot_after_wal_bytes: u64,
+    pub(crate) create_if_missing: bool,
 }
+
+/// Default WAL growth that triggers an automatic snapshot: 128 MiB.
+pub const SNAPSHOT_AFTER_WAL_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
 
 /// Default WAL segment size: 64 MiB.
 pub const WAL_SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
@@ -101,6 +106,8 @@ impl Default for Options {
             wal_segment_bytes: WAL_SEGMENT_BYTES_DEFAULT,
             expire_interval: EXPIRE_INTERVAL_DEFAULT,
             expire_scan_per_shard: EXPIRE_SCAN_PER_SHARD_DEFAULT,
+            snapshot_after_wal_bytes: SNAPSHOT_AFTER_WAL_BYTES_DEFAULT,
+            create_if_missing: true,
         }
     }
 }
@@ -114,6 +121,8 @@ impl fmt::Debug for Options {
             .field("wal_segment_bytes", &self.wal_segment_bytes)
             .field("expire_interval", &self.expire_interval)
             .field("expire_scan_per_shard", &self.expire_scan_per_shard)
+            .field("snapshot_after_wal_bytes", &self.snapshot_after_wal_bytes)
+            .field("create_if_missing", &self.create_if_missing)
             .finish_non_exhaustive()
     }
 }
@@ -157,6 +166,23 @@ impl Options {
     /// Size at which the WAL rolls to a new segment (default 64 MiB, at least 4 KiB).
     pub fn wal_segment_bytes(mut self, bytes: u64) -> Self {
         self.wal_segment_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Whether `Db::open` may create a new store (default true). With false, opening a
+    /// directory that is missing or holds no WAL segment or snapshot is
+    /// [`Error::NotAStore`](crate::Error::NotAStore) and creates nothing: what inspection tools
+    /// want, so a mistyped path does not silently become an empty store.
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create_if_missing = create;
+        self
+    }
+
+    /// Take a snapshot automatically (and delete the WAL it covers) once this many WAL bytes
+    /// have been appended since the last one (default 128 MiB, at least 4 KiB). The check runs
+    /// on the maintenance thread every expiry tick.
+    pub fn snapshot_after_wal_bytes(mut self, bytes: u64) -> Self {
+        self.snapshot_after_wal_bytes = bytes.max(4096);
         self
     }
 

@@ -224,6 +224,8 @@ pub(crate) struct WalShared {
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
     wal_bytes: AtomicU64,
+    appended_bytes: AtomicU64,
+    active_first_lsn: AtomicU64,
     segments: AtomicU64,
     fsyncs: AtomicU64,
 }
@@ -233,12 +235,35 @@ struct Queue {
     next_lsn: u64,
     first_lsn_in_buf: u64,
     needs_sync: bool,
+    roll: bool,
     shutdown: bool,
 }
 
 #[derive(Default)]
 struct SyncState {
     wakers: Vec<Waker>,
+}
+
+/// Where the WAL writer starts after recovery.
+pub(crate) struct WalStart {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) dir: PathBuf,
+    /// The active segment, positioned at its end.
+    pub(crate) file: Box<dyn WritableFile>,
+    /// Length of the active segment.
+    pub(crate) file_bytes: u64,
+    /// LSN the next record gets.
+    pub(crate) next_lsn: u64,
+    /// Bytes in all segments.
+    pub(crate) wal_bytes: u64,
+    /// Number of segments.
+    pub(crate) segments: u64,
+    /// Roll to a new segment past this size.
+    pub(crate) segment_bytes: u64,
+    /// `Some` for `Durability::Periodic`: the background fdatasync interval.
+    pub(crate) periodic: Option<Duration>,
+    /// First LSN of the active segment.
+    pub(crate) active_first_lsn: u64,
 }
 
 /// The WAL: the shared state plus the writer thread.
@@ -259,22 +284,24 @@ struct Writer {
     unsynced: bool,
     last_sync: Instant,
     spare: Vec<u8>,
+    roll_requested: bool,
 }
 
 impl Wal {
-    /// Starts the writer on `file` (positioned at its end, `file_bytes` long), whose next record
-    /// gets `next_lsn`.
-    pub(crate) fn start(
-        storage: Arc<dyn Storage>,
-        dir: PathBuf,
-        file: Box<dyn WritableFile>,
-        file_bytes: u64,
-        next_lsn: u64,
-        wal_bytes: u64,
-        segments: u64,
-        segment_bytes: u64,
-        periodic: Option<Duration>,
-    ) -> Result<Wal> {
+    /// Starts the writer thread.
+    pub(crate) fn start(s: WalStart) -> Result<Wal> {
+        let WalStart {
+            storage,
+            dir,
+            file,
+            file_bytes,
+            next_lsn,
+            wal_bytes,
+            segments,
+            segment_bytes,
+            periodic,
+            active_first_lsn,
+        } = s;
         let (tx, rx) = crossbeam_channel::bounded(1);
         let last = next_lsn - 1;
         let shared = Arc::new(WalShared {
@@ -283,6 +310,7 @@ impl Wal {
                 next_lsn,
                 first_lsn_in_buf: next_lsn,
                 needs_sync: false,
+                roll: false,
                 shutdown: false,
             }),
             queue_space: Condvar::new(),
@@ -294,6 +322,8 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             wal_bytes: AtomicU64::new(wal_bytes),
+            appended_bytes: AtomicU64::new(0),
+            active_first_lsn: AtomicU64::new(active_first_lsn),
             segments: AtomicU64::new(segments),
             fsyncs: AtomicU64::new(0),
         });
@@ -309,6 +339,7 @@ impl Wal {
             unsynced: false,
             last_sync: Instant::now(),
             spare: Vec::with_capacity(64 * 1024),
+            roll_requested: false,
         };
         let handle = std::thread::Builder::new()
             .name("keel-wal-writer".into())
@@ -376,7 +407,10 @@ impl WalShared {
             if q.buf.is_empty() {
                 q.first_lsn_in_buf = lsn;
             }
+            let before = q.buf.len();
             record::encode_record(&mut q.buf, lsn, time_ms, entries);
+            self.appended_bytes
+                .fetch_add((q.buf.len() - before) as u64, Ordering::Relaxed);
             if durability == Durability::Immediate {
                 q.needs_sync = true;
             }
@@ -452,6 +486,45 @@ impl WalShared {
         }
     }
 
+    /// LSN of the last record appended (0 if none yet).
+    pub(crate) fn last_appended_lsn(&self) -> u64 {
+        self.queue.lock().next_lsn - 1
+    }
+
+    /// Asks the writer to start a new segment before its next batch, so the current one can be
+    /// deleted once a snapshot covers it.
+    pub(crate) fn request_roll(&self) {
+        self.queue.lock().roll = true;
+    }
+
+    /// Makes every record appended so far durable, whatever durability each asked for.
+    pub(crate) fn sync_all(&self) -> Result<()> {
+        let last = {
+            let mut q = self.queue.lock();
+            q.needs_sync = true;
+            q.next_lsn - 1
+        };
+        let _ = self.doorbell.try_send(());
+        self.wait(last, Durability::Immediate)
+    }
+
+    /// First LSN of the segment the writer appends to (never deleted by truncation).
+    pub(crate) fn active_first_lsn(&self) -> u64 {
+        self.active_first_lsn.load(Ordering::Acquire)
+    }
+
+    /// Record bytes appended since open, counted when queued (monotonic; not reduced by
+    /// truncation).
+    pub(crate) fn appended_bytes(&self) -> u64 {
+        self.appended_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Accounts for a deleted segment of `bytes` bytes.
+    pub(crate) fn segment_removed(&self, bytes: u64) {
+        self.wal_bytes.fetch_sub(bytes.min(self.wal_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.segments.fetch_sub(1, Ordering::Relaxed);
+    }
+
     /// (bytes in all segments, number of segments, fdatasyncs so far, durable LSN).
     pub(crate) fn stats(&self) -> (u64, u64, u64, u64) {
         (
@@ -482,6 +555,7 @@ impl Writer {
                 let mut q = self.shared.queue.lock();
                 std::mem::swap(&mut q.buf, &mut self.spare);
                 let needs_sync = std::mem::take(&mut q.needs_sync);
+                self.roll_requested |= std::mem::take(&mut q.roll);
                 (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
             };
             self.shared.queue_space.notify_all();
@@ -534,9 +608,11 @@ impl Writer {
     }
 
     fn write_batch(&mut self, first_lsn: u64) -> std::result::Result<(), (&'static str, std::io::Error)> {
-        if self.file_bytes >= self.segment_bytes {
+        let has_records = self.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
+        if self.file_bytes >= self.segment_bytes || (self.roll_requested && has_records) {
             self.roll(first_lsn)?;
         }
+        self.roll_requested = false;
         self.file
             .write_all(&self.spare)
             .map_err(|e| ("write to the WAL failed", e))?;
@@ -574,6 +650,9 @@ impl Writer {
             .wal_bytes
             .fetch_add(header.len() as u64, Ordering::Relaxed);
         self.shared.segments.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .active_first_lsn
+            .store(first_lsn, Ordering::Release);
         Ok(())
     }
 }

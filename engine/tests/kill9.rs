@@ -134,7 +134,7 @@ fn iteration(dir: &std::path::Path, run: u64, delay: Duration) -> Result<usize, 
     }
     let recovery = db.stats().recovery.unwrap();
     db.close().map_err(|e| format!("close failed: {e}"))?;
-    if run % 10 == 0 {
+    if run.is_multiple_of(10) {
         println!(
             "kill9 run {run}: {} lines, reopen {reopen:?}, replayed {} records, truncated {} bytes",
             lines.len(),

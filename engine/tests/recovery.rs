@@ -171,6 +171,9 @@ impl Storage for FailingSync {
     fn remove(&self, path: &Path) -> io::Result<()> {
         FsStorage.remove(path)
     }
+    fn len(&self, path: &Path) -> io::Result<u64> {
+        FsStorage.len(path)
+    }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         FsStorage.sync_dir(dir)
     }

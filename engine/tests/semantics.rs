@@ -428,3 +428,18 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         }
     }
 }
+
+#[test]
+fn opening_without_create_if_missing_creates_nothing() {
+    let f = Fixture::new();
+    let missing = f.dir.path().join("typo");
+    let opts = f.options().create_if_missing(false);
+    assert!(matches!(Db::open(&missing, opts.clone()), Err(Error::NotAStore { .. })));
+    assert!(!missing.exists(), "nothing was created");
+    assert!(matches!(
+        Db::verify(&missing, &keel_engine::storage::FsStorage),
+        Err(Error::NotAStore { .. })
+    ));
+    f.open().close().unwrap();
+    Db::open(f.dir.path(), opts).unwrap();
+}
