@@ -36,14 +36,18 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     let (scheme, rest) = match url.split_once(':') {
         // A single letter before ':' would be a Windows drive, and "./x:y" a path: only a
         // plain alphanumeric word counts as a scheme.
-        Some((s, rest)) if s.len() > 1 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+') => {
+        Some((s, rest))
+            if s.len() > 1 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+') =>
+        {
             (s.to_ascii_lowercase(), rest)
         }
         _ => return Ok(Arc::new(Embedded::open(Path::new(url))?)),
     };
     match scheme.as_str() {
         "memory" => Ok(Arc::new(Embedded::memory())),
-        "file" => Ok(Arc::new(Embedded::open(Path::new(rest.trim_start_matches("//")))?)),
+        "file" => Ok(Arc::new(Embedded::open(Path::new(
+            rest.trim_start_matches("//"),
+        ))?)),
         "redis" | "rediss" => redis(url).await,
         "valkey" | "valkeys" => valkey(url).await,
         "postgres" | "postgresql" => postgres(url).await,
@@ -78,7 +82,9 @@ async fn redis(_: &str) -> Result<Arc<dyn Backend>> {
 
 #[cfg(feature = "valkey")]
 async fn valkey(url: &str) -> Result<Arc<dyn Backend>> {
-    Ok(Arc::new(adapters::valkey::ValkeyBackend::connect(url).await?))
+    Ok(Arc::new(
+        adapters::valkey::ValkeyBackend::connect(url).await?,
+    ))
 }
 #[cfg(not(feature = "valkey"))]
 async fn valkey(_: &str) -> Result<Arc<dyn Backend>> {

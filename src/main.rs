@@ -126,6 +126,9 @@ enum Command {
     /// Print the store's counters: keys, memory, WAL size and fsyncs, and what recovery did
     /// when this command opened it.
     Stats,
+    /// Write a snapshot of every live key now and delete the WAL segments it covers (the
+    /// store also does this by itself as the WAL grows).
+    Compact,
     /// Check the checksum of every record in the store's files without opening, locking or
     /// modifying the store.
     ///
@@ -211,6 +214,7 @@ fn run(command: Command, dir: &std::path::Path, out: &mut dyn Write) -> CmdResul
         }
         Command::Stats => commands::stats(dir, out),
         Command::Verify => commands::verify(dir, out),
+        Command::Compact => commands::compact(dir, out),
         Command::Dump => commands::dump(dir, out),
         Command::Load { file } => commands::load(dir, &file, out),
         Command::Demo => cli::demo::run(dir, out),

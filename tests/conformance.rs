@@ -50,7 +50,9 @@ fn server_url(var: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_redis() {
     let url = server_url("KEEL_TEST_REDIS_URL");
-    let backend = keel_adapters::redis::RedisBackend::connect(&url).await.unwrap();
+    let backend = keel_adapters::redis::RedisBackend::connect(&url)
+        .await
+        .unwrap();
     check(Arc::new(backend), "redis").await;
 }
 
@@ -58,7 +60,9 @@ async fn conformance_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_valkey() {
     let url = server_url("KEEL_TEST_VALKEY_URL");
-    let backend = keel_adapters::valkey::ValkeyBackend::connect(&url).await.unwrap();
+    let backend = keel_adapters::valkey::ValkeyBackend::connect(&url)
+        .await
+        .unwrap();
     check(Arc::new(backend), "valkey").await;
 }
 
@@ -66,7 +70,9 @@ async fn conformance_valkey() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_postgres() {
     let url = server_url("KEEL_TEST_POSTGRES_URL");
-    let backend = keel_adapters::postgres::PostgresBackend::connect(&url).await.unwrap();
+    let backend = keel_adapters::postgres::PostgresBackend::connect(&url)
+        .await
+        .unwrap();
     backend.ensure_schema().await.unwrap();
     check(Arc::new(backend), "postgres").await;
 }
@@ -103,7 +109,10 @@ fn every_backend_is_compiled_in_under_ci() {
     .map(|(name, _)| name)
     .collect();
     if std::env::var("CI").is_ok_and(|v| v == "true") {
-        assert!(missing.is_empty(), "built without backends {missing:?}: run with --all-features");
+        assert!(
+            missing.is_empty(),
+            "built without backends {missing:?}: run with --all-features"
+        );
     } else if !missing.is_empty() {
         eprintln!("note: backends not compiled in (use --all-features): {missing:?}");
     }

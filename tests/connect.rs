@@ -16,8 +16,14 @@ async fn memory_and_paths_open_the_embedded_engine() {
     assert_eq!(b.name(), "embedded");
     b.set(b"k", b"v", None).await.unwrap();
     drop(b);
-    let b = keel::connect(&format!("file://{}", path.display())).await.unwrap();
-    assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()), "same store by file: URL");
+    let b = keel::connect(&format!("file://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(
+        b.get(b"k").await.unwrap(),
+        Some(b"v".to_vec()),
+        "same store by file: URL"
+    );
 }
 
 #[tokio::test]
@@ -25,7 +31,10 @@ async fn a_second_open_of_an_embedded_path_is_locked() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap().to_owned();
     let _first = keel::connect(&path).await.unwrap();
-    let err = keel::connect(&path).await.err().expect("second open must fail");
+    let err = keel::connect(&path)
+        .await
+        .err()
+        .expect("second open must fail");
     assert_eq!(err.kind(), ErrorKind::Locked);
 }
 
@@ -33,14 +42,24 @@ async fn a_second_open_of_an_embedded_path_is_locked() {
 async fn unknown_schemes_are_invalid_input() {
     let err = keel::connect("mongodb://localhost").await.err().unwrap();
     assert_eq!(err.kind(), ErrorKind::InvalidInput);
-    assert!(err.to_string().contains("unknown backend scheme `mongodb:`"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("unknown backend scheme `mongodb:`"),
+        "{err}"
+    );
 }
 
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn an_unreachable_server_is_a_clear_error() {
     // Port 1 on loopback: nothing listens there.
-    let err = keel::connect("redis://127.0.0.1:1/").await.err().expect("must fail");
-    assert!(err.kind().is_retryable() || err.kind() == ErrorKind::Permanent, "{err:?}");
+    let err = keel::connect("redis://127.0.0.1:1/")
+        .await
+        .err()
+        .expect("must fail");
+    assert!(
+        err.kind().is_retryable() || err.kind() == ErrorKind::Permanent,
+        "{err:?}"
+    );
     assert!(!err.to_string().is_empty());
 }

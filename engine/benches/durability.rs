@@ -56,7 +56,11 @@ fn args() -> (Duration, PathBuf) {
 fn raw_fdatasync(dir: &Path, run_for: Duration) -> Row {
     let path = dir.join("raw-fdatasync.bin");
     let _ = std::fs::remove_file(&path);
-    let mut file = OpenOptions::new().create(true).append(true).open(&path).unwrap();
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap();
     let record = [0x5au8; 64];
     let mut latencies_ns = Vec::new();
     let started = Instant::now();
@@ -106,7 +110,10 @@ fn db_row(name: &str, db: Db, threads: usize, run_for: Duration) -> Row {
     db.close().unwrap();
     Row {
         name: if fsyncs > 0 {
-            format!("{name} ({:.1} writes/fsync)", latencies_ns.len() as f64 / fsyncs as f64)
+            format!(
+                "{name} ({:.1} writes/fsync)",
+                latencies_ns.len() as f64 / fsyncs as f64
+            )
         } else {
             name.to_owned()
         },
@@ -123,7 +130,10 @@ fn main() {
     let mut rows = vec![raw_fdatasync(&dir, run_for)];
     let configs = [
         ("keel Immediate", Some(Durability::Immediate)),
-        ("keel Periodic(100ms)", Some(Durability::Periodic(Duration::from_millis(100)))),
+        (
+            "keel Periodic(100ms)",
+            Some(Durability::Periodic(Duration::from_millis(100))),
+        ),
         ("keel Buffered", Some(Durability::Buffered)),
         ("keel memory-only", None),
     ];
@@ -141,8 +151,14 @@ fn main() {
     let _ = std::fs::remove_dir_all(dir.join("store"));
     let raw = rows[0].ops_per_sec();
     let single = rows[1].ops_per_sec();
-    println!("\ndurable incr+TTL vs the disk's raw fdatasync rate ({} s per row)\n", run_for.as_secs_f64());
-    println!("{:<44} {:>7} {:>12} {:>10} {:>10} {:>9}", "workload", "threads", "ops/s", "p50 us", "p99 us", "vs raw");
+    println!(
+        "\ndurable incr+TTL vs the disk's raw fdatasync rate ({} s per row)\n",
+        run_for.as_secs_f64()
+    );
+    println!(
+        "{:<44} {:>7} {:>12} {:>10} {:>10} {:>9}",
+        "workload", "threads", "ops/s", "p50 us", "p99 us", "vs raw"
+    );
     for row in &mut rows {
         let (p50, p99) = (row.percentile_us(0.50), row.percentile_us(0.99));
         println!(

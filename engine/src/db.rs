@@ -21,8 +21,8 @@ use crate::index::{Index, Shard, Slot, entry_bytes};
 use crate::int::parse_i64;
 use crate::options::{Durability, Limits, Options, TTL_MAX};
 use crate::record::{self, Entry};
-use crate::storage::{DirLock, LockError, Storage, join};
 use crate::snapshot::{self, SnapshotHeader, SnapshotWriter};
+use crate::storage::{DirLock, LockError, Storage, join};
 use crate::wal::{self, Wal, WalScan, WalShared, WalStart};
 
 /// How far past `snapshot_after_wal_bytes` the WAL may grow before writers take the snapshot
@@ -122,7 +122,12 @@ impl Batch {
         Batch::default()
     }
     /// Adds a set of `key` to `value`, expiring after `ttl` if given.
-    pub fn set(&mut self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>, ttl: Option<Duration>) -> &mut Self {
+    pub fn set(
+        &mut self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        ttl: Option<Duration>,
+    ) -> &mut Self {
         self.ops.push(BatchOp::Set {
             key: key.into(),
             value: value.into(),
@@ -280,7 +285,10 @@ impl<T: Unpin> Future for Pending<T> {
                 Err(e) => return Poll::Ready(Err(e)),
             }
         }
-        Poll::Ready(Ok(this.value.take().expect("Pending polled after completion")))
+        Poll::Ready(Ok(this
+            .value
+            .take()
+            .expect("Pending polled after completion")))
     }
 }
 
@@ -436,9 +444,14 @@ fn ttl_ms(ttl: Duration) -> Result<u64> {
 /// The state change an operation makes to its key.
 enum Change {
     None,
-    Put { value: Box<[u8]>, expires_at_ms: u64 },
+    Put {
+        value: Box<[u8]>,
+        expires_at_ms: u64,
+    },
     Delete,
-    Expire { expires_at_ms: u64 },
+    Expire {
+        expires_at_ms: u64,
+    },
 }
 
 impl Db {
@@ -454,13 +467,23 @@ impl Db {
             return Err(Error::NotAStore { path: dir });
         }
         storage.create_dir_all(&dir)?;
-        let lock = storage.lock(&join(&dir, LOCK_FILE)).map_err(|e| match e {
-            LockError::Held { pid } => Error::Locked {
-                path: dir.clone(),
-                pid,
-            },
-            LockError::Io(e) => Error::Io(e),
-        })?;
+        let lock_path = join(&dir, LOCK_FILE);
+        let deadline = Instant::now() + options.lock_wait;
+        let lock = loop {
+            match storage.lock(&lock_path) {
+                Ok(lock) => break lock,
+                Err(LockError::Held { .. }) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(LockError::Held { pid }) => {
+                    return Err(Error::Locked {
+                        path: dir.clone(),
+                        pid,
+                    });
+                }
+                Err(LockError::Io(e)) => return Err(Error::Io(e)),
+            }
+        };
         let started = Instant::now();
         let index = Index::new(options.shards);
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
@@ -559,7 +582,15 @@ impl Db {
             reports: Mutex::new((0, None)),
             _lock: lock,
         };
-        let db = Db::assemble(index, Some(wal), clock, &options, memory, Some(recovery), Some(disk))?;
+        let db = Db::assemble(
+            index,
+            Some(wal),
+            clock,
+            &options,
+            memory,
+            Some(recovery),
+            Some(disk),
+        )?;
         // Delete what an interrupted compaction may have left: older snapshots and covered
         // segments.
         db.core().truncate_covered(snapshot_lsn)?;
@@ -616,8 +647,7 @@ impl Db {
                         let _ = expirer_core.compact_when(Core::snapshot_due);
                     }
                 }
-            })
-            ?;
+            })?;
         Ok(Db {
             inner: Arc::new(Inner {
                 core,
@@ -804,7 +834,12 @@ impl Db {
     /// # Errors
     /// `KeyTooLarge`, `ValueTooLarge`, `InvalidTtl` (nothing written); `Poisoned`, `Closed`,
     /// `Io` from the WAL.
-    pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<()> {
+    pub fn set(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
         self.submit(Op::Set {
             key: key.as_ref(),
             value: value.as_ref(),
@@ -818,7 +853,12 @@ impl Db {
     ///
     /// # Errors
     /// As [`Db::set`].
-    pub fn set_nx(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<bool> {
+    pub fn set_nx(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
         self.submit(Op::SetNx {
             key: key.as_ref(),
             value: value.as_ref(),
@@ -855,7 +895,11 @@ impl Db {
     ///
     /// # Errors
     /// As [`Db::set`].
-    pub fn compare_and_delete(&self, key: impl AsRef<[u8]>, expected: impl AsRef<[u8]>) -> Result<bool> {
+    pub fn compare_and_delete(
+        &self,
+        key: impl AsRef<[u8]>,
+        expected: impl AsRef<[u8]>,
+    ) -> Result<bool> {
         self.submit(Op::CompareAndDelete {
             key: key.as_ref(),
             expected: expected.as_ref(),
@@ -882,7 +926,12 @@ impl Db {
     /// `NotAnInteger` if the value is not a decimal i64 in Redis's grammar, `Overflow` if the
     /// result does not fit an i64 (both leave the value unchanged); `InvalidTtl`; as
     /// [`Db::set`].
-    pub fn incr(&self, key: impl AsRef<[u8]>, delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
+    pub fn incr(
+        &self,
+        key: impl AsRef<[u8]>,
+        delta: i64,
+        ttl_on_create: Option<Duration>,
+    ) -> Result<i64> {
         match self
             .submit(Op::Incr {
                 key: key.as_ref(),
@@ -1066,7 +1115,10 @@ impl Db {
     fn check_key(&self, key: &[u8]) -> Result<()> {
         let max = self.core().limits.max_key_bytes;
         if key.len() > max {
-            return Err(Error::KeyTooLarge { len: key.len(), max });
+            return Err(Error::KeyTooLarge {
+                len: key.len(),
+                max,
+            });
         }
         Ok(())
     }
@@ -1235,7 +1287,9 @@ impl Db {
             None => None,
         };
         for (entry, shard_id) in entries.iter().zip(op_shards) {
-            let g = shard_ids.binary_search(&shard_id).expect("shard was locked above");
+            let g = shard_ids
+                .binary_search(&shard_id)
+                .expect("shard was locked above");
             let change = match entry {
                 Entry::Put {
                     value,
@@ -1319,7 +1373,8 @@ impl Core {
     /// True when enough WAL has been appended since the last snapshot (the maintenance thread
     /// then takes one).
     fn snapshot_due(&self) -> bool {
-        self.wal_growth().is_some_and(|(since, limit)| since >= limit)
+        self.wal_growth()
+            .is_some_and(|(since, limit)| since >= limit)
     }
 
     /// True when the maintenance thread has fallen far behind (4x the threshold): writers
@@ -1369,7 +1424,8 @@ impl Core {
         // snapshot exists, so it never shows a write (or part of a batch) a crash could lose.
         wal.sync_all()?;
         let (_, entries) = writer.install(&*disk.storage, &disk.dir)?;
-        disk.appended_at_last.store(appended_before, Ordering::Relaxed);
+        disk.appended_at_last
+            .store(appended_before, Ordering::Relaxed);
         let segments_deleted = self.truncate_covered_locked(disk, lsn)?;
         let report = SnapshotReport {
             lsn,
@@ -1501,7 +1557,11 @@ impl Core {
                 if let Some(wal) = &self.wal {
                     let entries: Vec<Entry<'_>> =
                         expired.iter().map(|k| Entry::Delete { key: k }).collect();
-                    if wal.shared().append(now, &entries, Durability::Buffered).is_err() {
+                    if wal
+                        .shared()
+                        .append(now, &entries, Durability::Buffered)
+                        .is_err()
+                    {
                         // Poisoned or closing: leave the entries; they are invisible anyway.
                         return;
                     }
@@ -1530,7 +1590,10 @@ mod tests {
     fn ttl_rounds_up_and_rejects_zero_and_huge() {
         assert_eq!(ttl_ms(Duration::from_micros(1)).unwrap(), 1);
         assert_eq!(ttl_ms(Duration::from_millis(1500)).unwrap(), 1500);
-        assert!(matches!(ttl_ms(Duration::ZERO), Err(Error::InvalidTtl { .. })));
+        assert!(matches!(
+            ttl_ms(Duration::ZERO),
+            Err(Error::InvalidTtl { .. })
+        ));
         assert!(matches!(
             ttl_ms(TTL_MAX + Duration::from_millis(1)),
             Err(Error::InvalidTtl { .. })

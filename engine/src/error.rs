@@ -33,7 +33,9 @@ pub enum Error {
     /// A batch has more operations or more bytes than
     /// [`Limits::max_batch_ops`](crate::Limits::max_batch_ops) /
     /// [`Limits::max_batch_bytes`](crate::Limits::max_batch_bytes).
-    #[error("batch has {ops} operations and {bytes} bytes, the limits are {max_ops} operations and {max_bytes} bytes; nothing was written")]
+    #[error(
+        "batch has {ops} operations and {bytes} bytes, the limits are {max_ops} operations and {max_bytes} bytes; nothing was written"
+    )]
     BatchTooLarge {
         /// Operations in the rejected batch.
         ops: usize,
@@ -45,7 +47,9 @@ pub enum Error {
         max_bytes: usize,
     },
     /// A TTL of zero, or longer than [`TTL_MAX`](crate::TTL_MAX).
-    #[error("invalid TTL {ttl_ms} ms: a TTL must be at least 1 ms and at most {max_ms} ms; nothing was written")]
+    #[error(
+        "invalid TTL {ttl_ms} ms: a TTL must be at least 1 ms and at most {max_ms} ms; nothing was written"
+    )]
     InvalidTtl {
         /// The rejected TTL in milliseconds (rounded up).
         ttl_ms: u128,
@@ -87,7 +91,9 @@ pub enum Error {
     },
     /// An earlier write or fsync failed, so the on-disk state is unknown. Every later write is
     /// refused; reads keep working. Drop the store and open it again to recover.
-    #[error("store is poisoned by an earlier I/O failure ({0}); writes are refused, reopen the store to recover")]
+    #[error(
+        "store is poisoned by an earlier I/O failure ({0}); writes are refused, reopen the store to recover"
+    )]
     Poisoned(String),
     /// The store has been closed.
     #[error("store is closed")]
@@ -98,7 +104,11 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn corruption(file: impl Into<PathBuf>, offset: u64, reason: impl Into<String>) -> Self {
+    pub(crate) fn corruption(
+        file: impl Into<PathBuf>,
+        offset: u64,
+        reason: impl Into<String>,
+    ) -> Self {
         Error::Corruption {
             file: file.into(),
             offset,

@@ -80,6 +80,7 @@ pub struct Options {
     pub(crate) expire_scan_per_shard: usize,
     pub(crate) snapshot_after_wal_bytes: u64,
     pub(crate) create_if_missing: bool,
+    pub(crate) lock_wait: Duration,
 }
 
 /// Default WAL growth that triggers an automatic snapshot: 128 MiB.
@@ -108,6 +109,7 @@ impl Default for Options {
             expire_scan_per_shard: EXPIRE_SCAN_PER_SHARD_DEFAULT,
             snapshot_after_wal_bytes: SNAPSHOT_AFTER_WAL_BYTES_DEFAULT,
             create_if_missing: true,
+            lock_wait: Duration::ZERO,
         }
     }
 }
@@ -123,6 +125,7 @@ impl fmt::Debug for Options {
             .field("expire_scan_per_shard", &self.expire_scan_per_shard)
             .field("snapshot_after_wal_bytes", &self.snapshot_after_wal_bytes)
             .field("create_if_missing", &self.create_if_missing)
+            .field("lock_wait", &self.lock_wait)
             .finish_non_exhaustive()
     }
 }
@@ -175,6 +178,15 @@ impl Options {
     /// want, so a mistyped path does not silently become an empty store.
     pub fn create_if_missing(mut self, create: bool) -> Self {
         self.create_if_missing = create;
+        self
+    }
+
+    /// How long `Db::open` keeps retrying when another holder has the store's lock before it
+    /// returns [`Error::Locked`](crate::Error::Locked) (default: not at all). A short wait
+    /// helps a tool that runs right after a service stopped, and a process that spawns
+    /// children while reopening (a child briefly inherits the lock between `fork` and `exec`).
+    pub fn lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
         self
     }
 

@@ -172,8 +172,8 @@ fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
             out.extend_from_slice(&key_len.to_le_bytes());
             out.extend_from_slice(key);
             out.extend_from_slice(&expires_at_ms.unwrap_or(NO_EXPIRY).to_le_bytes());
-            let value_len =
-                u32::try_from(value.len()).expect("value length checked against RECORD_BYTES_CEILING");
+            let value_len = u32::try_from(value.len())
+                .expect("value length checked against RECORD_BYTES_CEILING");
             out.extend_from_slice(&value_len.to_le_bytes());
             out.extend_from_slice(value);
         }
@@ -274,7 +274,9 @@ struct Cursor<'a> {
 impl<'a> Cursor<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n {
-            return Err(DecodeError::Invalid("entry runs past the end of the record"));
+            return Err(DecodeError::Invalid(
+                "entry runs past the end of the record",
+            ));
         }
         let (head, tail) = self.bytes.split_at(n);
         self.bytes = tail;

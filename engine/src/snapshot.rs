@@ -102,7 +102,12 @@ pub(crate) struct SnapshotWriter {
 
 impl SnapshotWriter {
     /// Starts the temporary file for the snapshot covering records up to `lsn`.
-    pub(crate) fn create(storage: &dyn Storage, dir: &Path, lsn: u64, time_ms: u64) -> Result<Self> {
+    pub(crate) fn create(
+        storage: &dyn Storage,
+        dir: &Path,
+        lsn: u64,
+        time_ms: u64,
+    ) -> Result<Self> {
         let tmp = join(dir, &tmp_name(lsn));
         let _ = storage.remove(&tmp);
         let mut file = storage.create(&tmp)?;
@@ -191,7 +196,9 @@ pub fn decode(
     };
     let body_len = u64_at(bytes, footer + 8);
     if body_len != (footer - SNAPSHOT_HEADER_BYTES) as u64 {
-        return Err(DecodeError::Invalid("snapshot length does not match its footer"));
+        return Err(DecodeError::Invalid(
+            "snapshot length does not match its footer",
+        ));
     }
     let body = &bytes[SNAPSHOT_HEADER_BYTES..footer];
     if checksum(body) != u64_at(bytes, footer + 16) {
@@ -216,7 +223,10 @@ pub fn decode(
     Ok(header)
 }
 
-fn take_len_prefixed(bytes: &[u8], width: usize) -> std::result::Result<(&[u8], &[u8]), DecodeError> {
+fn take_len_prefixed(
+    bytes: &[u8],
+    width: usize,
+) -> std::result::Result<(&[u8], &[u8]), DecodeError> {
     if bytes.len() < width {
         return Err(DecodeError::Invalid("snapshot entry cut short"));
     }
@@ -249,9 +259,8 @@ pub(crate) fn load_newest(
         return Ok(None);
     };
     let bytes = storage.read(&path)?;
-    let header = decode(&bytes, apply).map_err(|e| {
-        Error::corruption(&path, 0, format!("snapshot cannot be loaded: {e:?}"))
-    })?;
+    let header = decode(&bytes, apply)
+        .map_err(|e| Error::corruption(&path, 0, format!("snapshot cannot be loaded: {e:?}")))?;
     if header.lsn != lsn {
         return Err(Error::corruption(
             &path,
@@ -283,8 +292,21 @@ mod tests {
     fn round_trips() {
         let mut got = Vec::new();
         let h = decode(&sample(), |k, v, e| got.push((k.to_vec(), v.to_vec(), e))).unwrap();
-        assert_eq!(h, SnapshotHeader { lsn: 7, time_ms: 1234, entries: 2 });
-        assert_eq!(got, vec![(b"a".to_vec(), b"1".to_vec(), 0), (b"\x00\xff".to_vec(), vec![], 99)]);
+        assert_eq!(
+            h,
+            SnapshotHeader {
+                lsn: 7,
+                time_ms: 1234,
+                entries: 2
+            }
+        );
+        assert_eq!(
+            got,
+            vec![
+                (b"a".to_vec(), b"1".to_vec(), 0),
+                (b"\x00\xff".to_vec(), vec![], 99)
+            ]
+        );
     }
 
     #[test]

@@ -36,7 +36,9 @@ pub(crate) fn segment_name(first_lsn: u64) -> String {
 }
 
 fn parse_segment_name(name: &str) -> Option<u64> {
-    let digits = name.strip_prefix(SEGMENT_PREFIX)?.strip_suffix(SEGMENT_SUFFIX)?;
+    let digits = name
+        .strip_prefix(SEGMENT_PREFIX)?
+        .strip_suffix(SEGMENT_SUFFIX)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -136,7 +138,9 @@ pub(crate) fn scan(
             return Err(Error::corruption(
                 path,
                 16,
-                format!("log has a gap: expected LSN {expected_lsn}, segment starts at {first_lsn}"),
+                format!(
+                    "log has a gap: expected LSN {expected_lsn}, segment starts at {first_lsn}"
+                ),
             ));
         }
         let mut offset = record::SEGMENT_HEADER_BYTES;
@@ -148,7 +152,11 @@ pub(crate) fn scan(
                         // Covered by a snapshot: already applied.
                     } else if frame.lsn == expected_lsn {
                         let entries = record::decode_entries(frame.body).map_err(|e| {
-                            Error::corruption(path, offset as u64, format!("bad record body: {e:?}"))
+                            Error::corruption(
+                                path,
+                                offset as u64,
+                                format!("bad record body: {e:?}"),
+                            )
                         })?;
                         apply(frame.lsn, frame.time_ms, &entries);
                         out.records += 1;
@@ -382,7 +390,9 @@ impl WalShared {
     /// Waits (without holding any lock) while the queue is over its byte budget.
     pub(crate) fn throttle(&self) {
         let mut q = self.queue.lock();
-        while q.buf.len() >= QUEUE_BYTES_MAX && !q.shutdown && !self.poisoned.load(Ordering::Acquire)
+        while q.buf.len() >= QUEUE_BYTES_MAX
+            && !q.shutdown
+            && !self.poisoned.load(Ordering::Acquire)
         {
             self.queue_space.wait(&mut q);
         }
@@ -521,7 +531,10 @@ impl WalShared {
 
     /// Accounts for a deleted segment of `bytes` bytes.
     pub(crate) fn segment_removed(&self, bytes: u64) {
-        self.wal_bytes.fetch_sub(bytes.min(self.wal_bytes.load(Ordering::Relaxed)), Ordering::Relaxed);
+        self.wal_bytes.fetch_sub(
+            bytes.min(self.wal_bytes.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
         self.segments.fetch_sub(1, Ordering::Relaxed);
     }
 
@@ -544,7 +557,9 @@ impl Writer {
     fn run(mut self) {
         loop {
             let timeout = match self.periodic {
-                Some(interval) if self.unsynced => interval.saturating_sub(self.last_sync.elapsed()),
+                Some(interval) if self.unsynced => {
+                    interval.saturating_sub(self.last_sync.elapsed())
+                }
                 _ => Duration::from_secs(3600),
             };
             match self.doorbell.recv_timeout(timeout) {
@@ -607,7 +622,10 @@ impl Writer {
         }
     }
 
-    fn write_batch(&mut self, first_lsn: u64) -> std::result::Result<(), (&'static str, std::io::Error)> {
+    fn write_batch(
+        &mut self,
+        first_lsn: u64,
+    ) -> std::result::Result<(), (&'static str, std::io::Error)> {
         let has_records = self.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
         if self.file_bytes >= self.segment_bytes || (self.roll_requested && has_records) {
             self.roll(first_lsn)?;
@@ -666,6 +684,9 @@ mod tests {
         assert_eq!(segment_name(1), "wal-00000000000000000001.log");
         assert_eq!(parse_segment_name(&segment_name(u64::MAX)), Some(u64::MAX));
         assert_eq!(parse_segment_name("wal-1.log"), None);
-        assert_eq!(parse_segment_name("snapshot-00000000000000000001.snap"), None);
+        assert_eq!(
+            parse_segment_name("snapshot-00000000000000000001.snap"),
+            None
+        );
     }
 }

@@ -25,7 +25,11 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50);
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
     println!("kill9: {iterations} iterations, seed {seed}");
     let mut rng = seed;
     let dir = tempfile::tempdir().unwrap();
@@ -96,7 +100,9 @@ fn iteration(dir: &std::path::Path, run: u64, delay: Duration) -> Result<usize, 
             ["S", key, value] => {
                 let got = db.get(key);
                 if got.as_deref() != Some(value.as_bytes()) {
-                    return Err(format!("acknowledged set {key}={value} lost (found {got:?})"));
+                    return Err(format!(
+                        "acknowledged set {key}={value} lost (found {got:?})"
+                    ));
                 }
             }
             ["C", key, value] => {
@@ -120,7 +126,9 @@ fn iteration(dir: &std::path::Path, run: u64, delay: Duration) -> Result<usize, 
             .and_then(|v| String::from_utf8(v).ok()?.parse().ok())
             .ok_or_else(|| format!("counter {key} missing"))?;
         if stored < *acked {
-            return Err(format!("counter {key} is {stored}, but {acked} was acknowledged"));
+            return Err(format!(
+                "counter {key} is {stored}, but {acked} was acknowledged"
+            ));
         }
     }
     // Atomicity: any batch of this run that is visible at all is visible whole.
@@ -130,7 +138,10 @@ fn iteration(dir: &std::path::Path, run: u64, delay: Duration) -> Result<usize, 
         *groups.entry(e.value.unwrap()).or_default() += 1;
     }
     if let Some((prefix, n)) = groups.iter().find(|(_, n)| **n != 3) {
-        return Err(format!("batch {} half-visible: {n} of 3 keys", String::from_utf8_lossy(prefix)));
+        return Err(format!(
+            "batch {} half-visible: {n} of 3 keys",
+            String::from_utf8_lossy(prefix)
+        ));
     }
     let recovery = db.stats().recovery.unwrap();
     db.close().map_err(|e| format!("close failed: {e}"))?;

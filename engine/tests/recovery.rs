@@ -49,7 +49,11 @@ fn every_torn_prefix_of_the_last_record_is_truncated_and_counted() {
         assert_eq!(db.get("k18"), Some(b"18".to_vec()));
         assert_eq!(db.get("k19"), None, "a torn record is not half-visible");
         drop(db);
-        assert_eq!(std::fs::metadata(&seg).unwrap().len(), last as u64, "tail cut back");
+        assert_eq!(
+            std::fs::metadata(&seg).unwrap().len(),
+            last as u64,
+            "tail cut back"
+        );
     }
 }
 
@@ -88,7 +92,11 @@ fn damage_followed_by_valid_records_is_corruption_with_file_and_offset() {
         }
         other => panic!("expected Corruption, got {other:?}"),
     }
-    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "a corrupt store is not modified");
+    assert_eq!(
+        std::fs::read(&seg).unwrap(),
+        bytes,
+        "a corrupt store is not modified"
+    );
     match Db::verify(dir.path(), &FsStorage) {
         Err(Error::Corruption { offset, .. }) => assert_eq!(offset, victim as u64),
         other => panic!("verify should report corruption, got {other:?}"),
@@ -107,7 +115,10 @@ fn a_segment_whose_header_was_torn_is_removed() {
     assert!(!torn.exists());
     db.set("k5", "5", None).unwrap();
     db.close().unwrap();
-    assert_eq!(Db::open(dir.path(), Options::default()).unwrap().get("k5"), Some(b"5".to_vec()));
+    assert_eq!(
+        Db::open(dir.path(), Options::default()).unwrap().get("k5"),
+        Some(b"5".to_vec())
+    );
 }
 
 #[test]
@@ -118,7 +129,10 @@ fn a_bad_segment_header_is_corruption() {
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[2] = b'X';
     std::fs::write(&seg, &bytes).unwrap();
-    assert!(matches!(Db::open(dir.path(), Options::default()), Err(Error::Corruption { offset: 0, .. })));
+    assert!(matches!(
+        Db::open(dir.path(), Options::default()),
+        Err(Error::Corruption { offset: 0, .. })
+    ));
 }
 
 /// A real file system that fails the Nth `sync_data` (and every one after it).
@@ -160,10 +174,16 @@ impl Storage for FailingSync {
         FsStorage.read(path)
     }
     fn create(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        Ok(Box::new(FailingFile { inner: FsStorage.create(path)?, owner: self.clone() }))
+        Ok(Box::new(FailingFile {
+            inner: FsStorage.create(path)?,
+            owner: self.clone(),
+        }))
     }
     fn open_append(&self, path: &Path) -> io::Result<Box<dyn WritableFile>> {
-        Ok(Box::new(FailingFile { inner: FsStorage.open_append(path)?, owner: self.clone() }))
+        Ok(Box::new(FailingFile {
+            inner: FsStorage.open_append(path)?,
+            owner: self.clone(),
+        }))
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
         FsStorage.rename(from, to)
@@ -185,7 +205,10 @@ impl Storage for FailingSync {
 #[test]
 fn a_failed_fsync_poisons_writes_keeps_reads_and_reopen_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let storage = FailingSync { syncs: Arc::new(AtomicUsize::new(0)), fail_from: 11 };
+    let storage = FailingSync {
+        syncs: Arc::new(AtomicUsize::new(0)),
+        fail_from: 11,
+    };
     // The first sync creates the initial segment; ten acknowledged writes follow.
     let db = Db::open(dir.path(), Options::default().storage(Arc::new(storage))).unwrap();
     for i in 0..10 {
@@ -193,15 +216,25 @@ fn a_failed_fsync_poisons_writes_keeps_reads_and_reopen_recovers() {
     }
     let err = db.set("doomed", "v", None).unwrap_err();
     assert!(matches!(err, Error::Poisoned(_)), "{err:?}");
-    assert!(err.to_string().contains("reopen"), "the error says what to do: {err}");
-    assert!(matches!(db.set("later", "v", None), Err(Error::Poisoned(_))), "every later write refused");
+    assert!(
+        err.to_string().contains("reopen"),
+        "the error says what to do: {err}"
+    );
+    assert!(
+        matches!(db.set("later", "v", None), Err(Error::Poisoned(_))),
+        "every later write refused"
+    );
     assert!(matches!(db.incr("n", 1, None), Err(Error::Poisoned(_))));
     assert_eq!(db.get("ok9"), Some(b"v".to_vec()), "reads keep working");
     assert!(db.stats().poisoned);
     assert!(matches!(db.close(), Err(Error::Poisoned(_))));
     let db = Db::open(dir.path(), Options::default()).unwrap();
     for i in 0..10 {
-        assert_eq!(db.get(format!("ok{i}")), Some(b"v".to_vec()), "acknowledged write ok{i} lost");
+        assert_eq!(
+            db.get(format!("ok{i}")),
+            Some(b"v".to_vec()),
+            "acknowledged write ok{i} lost"
+        );
     }
     assert_eq!(db.get("later"), None);
     db.set("fresh", "v", None).unwrap();

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keel_engine::{Batch, Db, Durability, Error, Limits, ManualClock, Options, TTL_MAX, Ttl, TtlPolicy};
+use keel_engine::{
+    Batch, Db, Durability, Error, Limits, ManualClock, Options, TTL_MAX, Ttl, TtlPolicy,
+};
 
 const T0: u64 = 1_700_000_000_000;
 
@@ -48,7 +50,11 @@ fn get_set_delete_round_trip_binary_data() {
         db.set(b"\x00\xff", b"\xfe\x00v", None).unwrap();
         assert_eq!(db.get(b"\x00\xff"), Some(b"\xfe\x00v".to_vec()));
         db.set(b"", b"", None).unwrap();
-        assert_eq!(db.get(b""), Some(vec![]), "empty key and empty value are values");
+        assert_eq!(
+            db.get(b""),
+            Some(vec![]),
+            "empty key and empty value are values"
+        );
         assert!(db.delete(b"\x00\xff").unwrap());
         assert!(!db.delete(b"\x00\xff").unwrap());
         assert_eq!(db.get(b"\x00\xff"), None);
@@ -63,10 +69,17 @@ fn expiry_is_exact_to_the_millisecond() {
         f.clock.advance(ms(99));
         assert_eq!(db.get_with_ttl("k"), Some((b"v".to_vec(), Some(ms(1)))));
         f.clock.advance(ms(1));
-        assert_eq!(db.get("k"), None, "a key is invisible the instant it expires");
+        assert_eq!(
+            db.get("k"),
+            None,
+            "a key is invisible the instant it expires"
+        );
         assert_eq!(db.ttl("k"), Ttl::Missing);
         assert!(!db.delete("k").unwrap());
-        assert!(db.set_nx("k", "again", None).unwrap(), "set_nx succeeds on an expired key");
+        assert!(
+            db.set_nx("k", "again", None).unwrap(),
+            "set_nx succeeds on an expired key"
+        );
         assert_eq!(db.ttl("k"), Ttl::NoExpiry);
         db.delete("k").unwrap();
     }
@@ -79,9 +92,18 @@ fn sub_millisecond_ttl_rounds_up_and_zero_or_huge_is_refused() {
         db.set("k", "v", Some(Duration::from_micros(1))).unwrap();
         assert_eq!(db.ttl("k"), Ttl::Remaining(ms(1)));
         for bad in [Duration::ZERO, TTL_MAX + ms(1)] {
-            assert!(matches!(db.set("z", "v", Some(bad)), Err(Error::InvalidTtl { .. })));
-            assert!(matches!(db.set_nx("z", "v", Some(bad)), Err(Error::InvalidTtl { .. })));
-            assert!(matches!(db.incr("z", 1, Some(bad)), Err(Error::InvalidTtl { .. })));
+            assert!(matches!(
+                db.set("z", "v", Some(bad)),
+                Err(Error::InvalidTtl { .. })
+            ));
+            assert!(matches!(
+                db.set_nx("z", "v", Some(bad)),
+                Err(Error::InvalidTtl { .. })
+            ));
+            assert!(matches!(
+                db.incr("z", 1, Some(bad)),
+                Err(Error::InvalidTtl { .. })
+            ));
             assert!(matches!(db.expire("k", bad), Err(Error::InvalidTtl { .. })));
             assert!(matches!(
                 db.compare_and_swap("z", None, "v", TtlPolicy::Set(bad)),
@@ -89,7 +111,11 @@ fn sub_millisecond_ttl_rounds_up_and_zero_or_huge_is_refused() {
             ));
         }
         assert_eq!(db.get("z"), None, "nothing was written");
-        assert_eq!(db.ttl("k"), Ttl::Remaining(ms(1)), "a bad expire changes nothing");
+        assert_eq!(
+            db.ttl("k"),
+            Ttl::Remaining(ms(1)),
+            "a bad expire changes nothing"
+        );
     }
 }
 
@@ -111,15 +137,37 @@ fn set_replaces_ttl_and_set_nx_respects_live_keys() {
 fn compare_and_swap_and_delete() {
     let f = Fixture::new();
     for db in f.both() {
-        assert!(!db.compare_and_swap("k", Some(b"x"), "y", TtlPolicy::Keep).unwrap());
-        assert!(db.compare_and_swap("k", None, "a", TtlPolicy::Set(ms(100))).unwrap());
-        assert!(!db.compare_and_swap("k", None, "b", TtlPolicy::Keep).unwrap());
+        assert!(
+            !db.compare_and_swap("k", Some(b"x"), "y", TtlPolicy::Keep)
+                .unwrap()
+        );
+        assert!(
+            db.compare_and_swap("k", None, "a", TtlPolicy::Set(ms(100)))
+                .unwrap()
+        );
+        assert!(
+            !db.compare_and_swap("k", None, "b", TtlPolicy::Keep)
+                .unwrap()
+        );
         f.clock.advance(ms(10));
-        assert!(db.compare_and_swap("k", Some(b"a"), "b", TtlPolicy::Keep).unwrap());
-        assert_eq!(db.ttl("k"), Ttl::Remaining(ms(90)), "Keep keeps the absolute expiry");
-        assert!(db.compare_and_swap("k", Some(b"b"), "c", TtlPolicy::Set(ms(500))).unwrap());
+        assert!(
+            db.compare_and_swap("k", Some(b"a"), "b", TtlPolicy::Keep)
+                .unwrap()
+        );
+        assert_eq!(
+            db.ttl("k"),
+            Ttl::Remaining(ms(90)),
+            "Keep keeps the absolute expiry"
+        );
+        assert!(
+            db.compare_and_swap("k", Some(b"b"), "c", TtlPolicy::Set(ms(500)))
+                .unwrap()
+        );
         assert_eq!(db.ttl("k"), Ttl::Remaining(ms(500)));
-        assert!(db.compare_and_swap("k", Some(b"c"), "d", TtlPolicy::Clear).unwrap());
+        assert!(
+            db.compare_and_swap("k", Some(b"c"), "d", TtlPolicy::Clear)
+                .unwrap()
+        );
         assert_eq!(db.ttl("k"), Ttl::NoExpiry);
         assert!(!db.compare_and_delete("k", "c").unwrap());
         assert!(db.compare_and_delete("k", "d").unwrap());
@@ -127,9 +175,15 @@ fn compare_and_swap_and_delete() {
         // An expired value cannot be matched, only replaced as absent.
         db.set("e", "old", Some(ms(5))).unwrap();
         f.clock.advance(ms(5));
-        assert!(!db.compare_and_swap("e", Some(b"old"), "x", TtlPolicy::Keep).unwrap());
+        assert!(
+            !db.compare_and_swap("e", Some(b"old"), "x", TtlPolicy::Keep)
+                .unwrap()
+        );
         assert!(!db.compare_and_delete("e", "old").unwrap());
-        assert!(db.compare_and_swap("e", None, "new", TtlPolicy::Keep).unwrap());
+        assert!(
+            db.compare_and_swap("e", None, "new", TtlPolicy::Keep)
+                .unwrap()
+        );
         assert_eq!(db.ttl("e"), Ttl::NoExpiry);
         db.delete("e").unwrap();
     }
@@ -142,14 +196,21 @@ fn incr_grammar_overflow_and_ttl_on_create() {
         assert_eq!(db.incr("n", 5, Some(ms(1000))).unwrap(), 5);
         f.clock.advance(ms(400));
         assert_eq!(db.incr("n", -7, Some(ms(50_000))).unwrap(), -2);
-        assert_eq!(db.ttl("n"), Ttl::Remaining(ms(600)), "TTL is stamped only on create");
+        assert_eq!(
+            db.ttl("n"),
+            Ttl::Remaining(ms(600)),
+            "TTL is stamped only on create"
+        );
         assert_eq!(db.get("n"), Some(b"-2".to_vec()));
         db.set("n", "9223372036854775807", None).unwrap();
         assert!(matches!(db.incr("n", 1, None), Err(Error::Overflow)));
         assert_eq!(db.get("n"), Some(b"9223372036854775807".to_vec()));
         for bad in ["+1", "01", "-0", " 1", "1.0", "", "x"] {
             db.set("n", bad, Some(ms(100))).unwrap();
-            assert!(matches!(db.incr("n", 1, None), Err(Error::NotAnInteger)), "{bad:?}");
+            assert!(
+                matches!(db.incr("n", 1, None), Err(Error::NotAnInteger)),
+                "{bad:?}"
+            );
             assert_eq!(db.get("n"), Some(bad.as_bytes().to_vec()));
             assert_eq!(db.ttl("n"), Ttl::Remaining(ms(100)));
         }
@@ -200,7 +261,9 @@ fn scan_pages_return_each_live_key_exactly_once_in_order() {
                 None => break,
             }
         }
-        let expected: Vec<Vec<u8>> = (0..1000u32).map(|i| format!("p/{i:04}").into_bytes()).collect();
+        let expected: Vec<Vec<u8>> = (0..1000u32)
+            .map(|i| format!("p/{i:04}").into_bytes())
+            .collect();
         assert_eq!(seen, expected);
     }
 }
@@ -216,7 +279,8 @@ fn scan_under_concurrent_writes_returns_stable_keys_exactly_once() {
         let db = db.clone();
         std::thread::spawn(move || {
             for i in 0..2000u32 {
-                db.set(format!("s/{:05}x", (i * 7) % 2000), "v", None).unwrap();
+                db.set(format!("s/{:05}x", (i * 7) % 2000), "v", None)
+                    .unwrap();
                 db.delete(format!("s/{:05}x", (i * 13) % 2000)).unwrap();
             }
         })
@@ -232,8 +296,14 @@ fn scan_under_concurrent_writes_returns_stable_keys_exactly_once() {
         }
     }
     writer.join().unwrap();
-    let stable: Vec<Vec<u8>> = seen.iter().filter(|k| !k.ends_with(b"x")).cloned().collect();
-    let expected: Vec<Vec<u8>> = (0..2000u32).map(|i| format!("s/{i:05}").into_bytes()).collect();
+    let stable: Vec<Vec<u8>> = seen
+        .iter()
+        .filter(|k| !k.ends_with(b"x"))
+        .cloned()
+        .collect();
+    let expected: Vec<Vec<u8>> = (0..2000u32)
+        .map(|i| format!("s/{i:05}").into_bytes())
+        .collect();
     assert_eq!(stable, expected, "each stable key exactly once, in order");
 }
 
@@ -247,17 +317,40 @@ fn oversize_inputs_are_refused_and_write_nothing() {
         max_batch_bytes: 1024,
     };
     let db = Db::open(f.dir.path(), f.options().limits(limits)).unwrap();
-    assert!(matches!(db.set("123456789", "v", None), Err(Error::KeyTooLarge { len: 9, max: 8 })));
-    assert!(matches!(db.set("k", [0u8; 17], None), Err(Error::ValueTooLarge { len: 17, max: 16 })));
-    assert!(matches!(db.incr("123456789", 1, None), Err(Error::KeyTooLarge { .. })));
+    assert!(matches!(
+        db.set("123456789", "v", None),
+        Err(Error::KeyTooLarge { len: 9, max: 8 })
+    ));
+    assert!(matches!(
+        db.set("k", [0u8; 17], None),
+        Err(Error::ValueTooLarge { len: 17, max: 16 })
+    ));
+    assert!(matches!(
+        db.incr("123456789", 1, None),
+        Err(Error::KeyTooLarge { .. })
+    ));
     let mut batch = Batch::new();
-    batch.set("a", "1", None).set("b", "2", None).set("c", "3", None).set("d", "4", None);
-    assert!(matches!(db.write_batch(&batch), Err(Error::BatchTooLarge { ops: 4, .. })));
+    batch
+        .set("a", "1", None)
+        .set("b", "2", None)
+        .set("c", "3", None)
+        .set("d", "4", None);
+    assert!(matches!(
+        db.write_batch(&batch),
+        Err(Error::BatchTooLarge { ops: 4, .. })
+    ));
     let mut batch = Batch::new();
     batch.set("a", "1", None).set("123456789", "2", None);
-    assert!(matches!(db.write_batch(&batch), Err(Error::KeyTooLarge { .. })));
+    assert!(matches!(
+        db.write_batch(&batch),
+        Err(Error::KeyTooLarge { .. })
+    ));
     assert_eq!(db.get("a"), None, "a rejected batch writes nothing");
-    assert_eq!(db.stats().wal_bytes, 32, "nothing reached the WAL beyond its header");
+    assert_eq!(
+        db.stats().wal_bytes,
+        32,
+        "nothing reached the WAL beyond its header"
+    );
     db.close().unwrap();
     let db = Db::open(f.dir.path(), f.options()).unwrap();
     assert_eq!(db.stats().keys, 0);
@@ -275,7 +368,11 @@ fn batch_is_all_or_nothing_and_survives_reopen() {
         .delete("gone")
         .set("a", "3", None);
     db.write_batch(&batch).unwrap();
-    assert_eq!(db.get("a"), Some(b"3".to_vec()), "later operations on a key win");
+    assert_eq!(
+        db.get("a"),
+        Some(b"3".to_vec()),
+        "later operations on a key win"
+    );
     assert_eq!(db.ttl("a"), Ttl::NoExpiry);
     db.close().unwrap();
     let db = f.open();
@@ -296,7 +393,11 @@ fn restart_keeps_absolute_expiry_and_expired_keys_stay_gone() {
     f.clock.advance(ms(1_000));
     let db = f.open();
     assert_eq!(db.get("short"), None, "expired while closed: stays gone");
-    assert_eq!(db.ttl("long"), Ttl::Remaining(ms(9_000)), "expiry is absolute, not re-armed");
+    assert_eq!(
+        db.ttl("long"),
+        Ttl::Remaining(ms(9_000)),
+        "expiry is absolute, not re-armed"
+    );
     assert_eq!(db.ttl("n"), Ttl::Remaining(ms(4_000)));
     assert_eq!(db.ttl("forever"), Ttl::NoExpiry);
     assert_eq!(db.stats().keys, 3);
@@ -312,7 +413,11 @@ fn clock_stepped_back_does_not_resurrect_keys_across_restart() {
     db.close().unwrap();
     f.clock.set_ms(T0); // the wall clock jumps back
     let db = f.open();
-    assert_eq!(db.get("k"), None, "the store's clock is floored at the newest logged time");
+    assert_eq!(
+        db.get("k"),
+        None,
+        "the store's clock is floored at the newest logged time"
+    );
     assert!(db.now_ms() >= T0 + 200);
 }
 
@@ -330,7 +435,11 @@ fn active_expirer_reclaims_memory_and_logs_deletions() {
     // expirer's own counter (the expirer runs on a 1 ms period).
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while db.stats().expired_reclaimed < 5000 {
-        assert!(std::time::Instant::now() < deadline, "expirer stalled: {:?}", db.stats());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "expirer stalled: {:?}",
+            db.stats()
+        );
         std::thread::yield_now();
     }
     assert_eq!(db.stats().keys, 1);
@@ -354,6 +463,16 @@ fn second_open_of_the_same_directory_is_locked() {
 }
 
 #[test]
+fn lock_wait_gives_up_with_locked_after_the_wait() {
+    let f = Fixture::new();
+    let _held = f.open();
+    let started = std::time::Instant::now();
+    let r = Db::open(f.dir.path(), f.options().lock_wait(ms(50)));
+    assert!(matches!(r, Err(Error::Locked { .. })), "{r:?}");
+    assert!(started.elapsed() >= ms(50));
+}
+
+#[test]
 fn with_durability_shares_the_store() {
     let f = Fixture::new();
     let db = Db::open(f.dir.path(), f.options().durability(Durability::Buffered)).unwrap();
@@ -362,13 +481,20 @@ fn with_durability_shares_the_store() {
     assert_eq!(db.get("fence"), Some(b"1".to_vec()));
     let before = durable.stats().wal_fsyncs;
     durable.incr("fence", 1, None).unwrap();
-    assert!(durable.stats().wal_fsyncs > before, "an Immediate write is fsynced even on a Buffered store");
+    assert!(
+        durable.stats().wal_fsyncs > before,
+        "an Immediate write is fsynced even on a Buffered store"
+    );
     assert!(durable.stats().durable_lsn >= 2);
 }
 
 #[test]
 fn every_durability_mode_survives_a_clean_close() {
-    for durability in [Durability::Immediate, Durability::Periodic(ms(50)), Durability::Buffered] {
+    for durability in [
+        Durability::Immediate,
+        Durability::Periodic(ms(50)),
+        Durability::Buffered,
+    ] {
         let f = Fixture::new();
         let db = Db::open(f.dir.path(), f.options().durability(durability)).unwrap();
         for i in 0..500u32 {
@@ -386,7 +512,8 @@ fn wal_rolls_segments_and_replays_them_in_order() {
     let f = Fixture::new();
     let db = Db::open(f.dir.path(), f.options().wal_segment_bytes(4096)).unwrap();
     for i in 0..2000u32 {
-        db.set(format!("k{}", i % 300), i.to_string(), None).unwrap();
+        db.set(format!("k{}", i % 300), i.to_string(), None)
+            .unwrap();
     }
     let stats = db.stats();
     assert!(stats.wal_segments > 10, "{stats:?}");
@@ -403,7 +530,13 @@ fn wal_rolls_segments_and_replays_them_in_order() {
 fn async_pending_resolves_when_durable() {
     let f = Fixture::new();
     let db = f.open();
-    let pending = db.submit(keel_engine::Op::Incr { key: b"n", delta: 2, ttl_on_create: None }).unwrap();
+    let pending = db
+        .submit(keel_engine::Op::Incr {
+            key: b"n",
+            delta: 2,
+            ttl_on_create: None,
+        })
+        .unwrap();
     // Drive the future with a minimal executor: the WAL writer thread wakes it.
     let outcome = block_on(pending).unwrap();
     assert_eq!(outcome, keel_engine::Outcome::Int(2));
@@ -434,7 +567,10 @@ fn opening_without_create_if_missing_creates_nothing() {
     let f = Fixture::new();
     let missing = f.dir.path().join("typo");
     let opts = f.options().create_if_missing(false);
-    assert!(matches!(Db::open(&missing, opts.clone()), Err(Error::NotAStore { .. })));
+    assert!(matches!(
+        Db::open(&missing, opts.clone()),
+        Err(Error::NotAStore { .. })
+    ));
     assert!(!missing.exists(), "nothing was created");
     assert!(matches!(
         Db::verify(&missing, &keel_engine::storage::FsStorage),
@@ -442,4 +578,15 @@ fn opening_without_create_if_missing_creates_nothing() {
     ));
     f.open().close().unwrap();
     Db::open(f.dir.path(), opts).unwrap();
+}
+
+#[test]
+fn close_releases_the_lock_for_the_next_open() {
+    let f = Fixture::new();
+    let db = f.open();
+    db.close().unwrap();
+    let db = f.open();
+    db.set("k", "v", None).unwrap();
+    drop(db);
+    f.open();
 }

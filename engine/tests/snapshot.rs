@@ -22,7 +22,9 @@ fn files(dir: &std::path::Path, prefix: &str) -> Vec<String> {
 fn compact_replaces_covered_wal_and_reopen_replays_only_the_tail() {
     let dir = tempfile::tempdir().unwrap();
     let clock = ManualClock::new(1_000_000);
-    let opts = Options::default().clock(Arc::new(clock.clone())).wal_segment_bytes(64 * 1024);
+    let opts = Options::default()
+        .clock(Arc::new(clock.clone()))
+        .wal_segment_bytes(64 * 1024);
     let db = Db::open(dir.path(), opts.clone()).unwrap();
     for i in 0..5000u32 {
         db.set(format!("k{i}"), format!("v{i}"), None).unwrap();
@@ -40,7 +42,11 @@ fn compact_replaces_covered_wal_and_reopen_replays_only_the_tail() {
     db.delete("k0").unwrap();
     db.close().unwrap();
     assert_eq!(files(dir.path(), "snapshot-").len(), 1);
-    assert!(files(dir.path(), "wal-").len() <= 2, "{:?}", files(dir.path(), "wal-"));
+    assert!(
+        files(dir.path(), "wal-").len() <= 2,
+        "{:?}",
+        files(dir.path(), "wal-")
+    );
 
     clock.advance(Duration::from_secs(1));
     let db = Db::open(dir.path(), opts).unwrap();
@@ -48,11 +54,19 @@ fn compact_replaces_covered_wal_and_reopen_replays_only_the_tail() {
     assert_eq!(r.snapshot_lsn, report.lsn);
     // The 101 tail writes, plus at most one logged deletion of "dies" by the active expirer if
     // it ticked after the snapshot: never the 5,000 records the snapshot covers.
-    assert!((101..=102).contains(&r.records), "replayed {} records", r.records);
+    assert!(
+        (101..=102).contains(&r.records),
+        "replayed {} records",
+        r.records
+    );
     assert_eq!(db.stats().keys, 5000 - 1 + 1 + 100);
     assert_eq!(db.get("k4999"), Some(b"v4999".to_vec()));
     assert_eq!(db.get("k0"), None);
-    assert_eq!(db.ttl("ttl"), Ttl::Remaining(Duration::from_millis(8_995)), "absolute expiry kept");
+    assert_eq!(
+        db.ttl("ttl"),
+        Ttl::Remaining(Duration::from_millis(8_995)),
+        "absolute expiry kept"
+    );
     let v = Db::verify(dir.path(), &FsStorage);
     drop(db);
     let v = v.unwrap();
@@ -86,7 +100,10 @@ fn automatic_snapshots_keep_the_wal_bounded_under_sustained_writes() {
     assert!(appended > 20 * 1024 * 1024);
     assert!(stats.snapshots >= 20, "{stats:?}");
     let bound = 2 * 4 * 128 * 1024 + 3 * 32 * 1024;
-    assert!(max_wal <= bound, "WAL grew to {max_wal} bytes (bound {bound}) of {appended} appended");
+    assert!(
+        max_wal <= bound,
+        "WAL grew to {max_wal} bytes (bound {bound}) of {appended} appended"
+    );
     db.close().unwrap();
     let db = Db::open(dir.path(), opts).unwrap();
     assert_eq!(db.stats().keys, 500);
@@ -126,8 +143,16 @@ fn writes_during_compaction_are_kept_and_batches_stay_whole() {
     db.close().unwrap();
     let db = Db::open(dir.path(), Options::default()).unwrap();
     for i in 0..written {
-        assert_eq!(db.get(format!("w{i}-a")), Some(i.to_string().into_bytes()), "w{i}-a");
-        assert_eq!(db.get(format!("w{i}-b")), Some(i.to_string().into_bytes()), "w{i}-b");
+        assert_eq!(
+            db.get(format!("w{i}-a")),
+            Some(i.to_string().into_bytes()),
+            "w{i}-a"
+        );
+        assert_eq!(
+            db.get(format!("w{i}-b")),
+            Some(i.to_string().into_bytes()),
+            "w{i}-b"
+        );
     }
     assert_eq!(db.stats().keys, 20_000 + 2 * u64::from(written));
 }
@@ -139,10 +164,17 @@ fn an_interrupted_snapshot_leaves_the_store_as_it_was() {
     db.set("a", "1", None).unwrap();
     db.close().unwrap();
     // A crash after writing part of a snapshot's temporary file, before its rename.
-    std::fs::write(dir.path().join("snapshot-00000000000000000001.snap.tmp"), b"KEELSNAP partial").unwrap();
+    std::fs::write(
+        dir.path().join("snapshot-00000000000000000001.snap.tmp"),
+        b"KEELSNAP partial",
+    )
+    .unwrap();
     let db = Db::open(dir.path(), Options::default()).unwrap();
     assert_eq!(db.get("a"), Some(b"1".to_vec()));
-    assert!(files(dir.path(), "snapshot-").is_empty(), "the temporary file is removed");
+    assert!(
+        files(dir.path(), "snapshot-").is_empty(),
+        "the temporary file is removed"
+    );
 }
 
 #[test]
@@ -158,8 +190,14 @@ fn a_damaged_snapshot_is_corruption_not_silence() {
     let mut bytes = std::fs::read(&snap).unwrap();
     bytes[100] ^= 0x01;
     std::fs::write(&snap, &bytes).unwrap();
-    assert!(matches!(Db::open(dir.path(), Options::default()), Err(Error::Corruption { .. })));
-    assert!(matches!(Db::verify(dir.path(), &FsStorage), Err(Error::Corruption { .. })));
+    assert!(matches!(
+        Db::open(dir.path(), Options::default()),
+        Err(Error::Corruption { .. })
+    ));
+    assert!(matches!(
+        Db::verify(dir.path(), &FsStorage),
+        Err(Error::Corruption { .. })
+    ));
 }
 
 #[test]

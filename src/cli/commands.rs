@@ -51,21 +51,47 @@ const fn batch_entry_bytes(key_len: usize, value_len: usize) -> usize {
 /// # Errors
 /// Whatever [`Db::open`] returns, e.g. `Locked` naming the holding process.
 pub fn open_or_create(dir: &Path) -> Result<Db, Failure> {
-    Ok(Db::open(dir, Options::default())?)
+    Ok(Db::open(dir, cli_options())?)
 }
 
-/// Opens the store in `dir`, refusing a directory that does not exist.
+/// The CLI waits briefly for a store's lock, so a command run right after a service stopped
+/// does not fail spuriously.
+fn cli_options() -> Options {
+    Options::default().lock_wait(LOCK_WAIT)
+}
+
+/// How long a command waits for another holder to release the store.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Opens the existing store in `dir`; creates nothing if there is none.
 ///
 /// # Errors
-/// A message naming `dir` if it is not a directory; otherwise as [`open_or_create`].
+/// `NotAStore` naming `dir` if it holds no store; otherwise as [`open_or_create`].
 pub fn open_existing(dir: &Path) -> Result<Db, Failure> {
-    if !dir.is_dir() {
-        return Err(Failure::Error(format!(
-            "no keel store at {}: the directory does not exist (pass --db DIR or set KEEL_DB)",
-            dir.display()
-        )));
+    Ok(Db::open(dir, cli_options().create_if_missing(false))?)
+}
+
+/// `keel compact`: takes a snapshot now and deletes the WAL it covers.
+pub fn compact(dir: &Path, out: &mut dyn Write) -> CmdResult {
+    let db = open_existing(dir)?;
+    let before = db.stats();
+    let report = db.compact()?;
+    let after = db.stats();
+    close(db)?;
+    match report {
+        Some(r) => writeln!(
+            out,
+            "snapshot at lsn {}: {} entries in {:.3} ms; {} WAL segment(s) deleted; WAL {} -> {} bytes",
+            r.lsn,
+            r.entries,
+            r.duration.as_secs_f64() * 1000.0,
+            r.segments_deleted,
+            before.wal_bytes,
+            after.wal_bytes
+        )?,
+        None => writeln!(out, "nothing to compact")?,
     }
-    open_or_create(dir)
+    Ok(())
 }
 
 /// Closes `db`, turning a late I/O failure into an error the user sees.
@@ -223,8 +249,9 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> CmdResult {
     match &stats.recovery {
         Some(r) => writeln!(
             out,
-            "last recovery: {} records replayed from {} segment(s), {} bytes truncated, \
-             {} keys, took {:.3} ms",
+            "last recovery: snapshot at lsn {}, then {} records replayed from {} segment(s), \
+             {} bytes truncated, {} keys, took {:.3} ms",
+            r.snapshot_lsn,
             r.records,
             r.segments,
             r.bytes_truncated,
@@ -246,13 +273,16 @@ pub fn verify(dir: &Path, out: &mut dyn Write) -> CmdResult {
         )));
     }
     let report = keel_engine::Db::verify(dir, &FsStorage)?;
-    let wal = report.wal;
-    if wal.segments == 0 {
-        return Err(Failure::Error(format!(
-            "no keel store at {}: the directory holds no WAL segment",
-            dir.display()
-        )));
+    for (path, header) in &report.snapshots {
+        writeln!(
+            out,
+            "ok: snapshot {} (lsn {}, {} entries)",
+            path.display(),
+            header.lsn,
+            header.entries
+        )?;
     }
+    let wal = report.wal;
     writeln!(
         out,
         "ok: {} segment(s), {} record(s), {} bytes of valid records checked in {}",
