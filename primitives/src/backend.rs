@@ -125,7 +125,12 @@ pub trait Backend: Send + Sync + 'static {
 
     /// One page of live keys starting with `prefix`. `limit` is a hint, capped at
     /// [`SCAN_LIMIT_MAX`].
-    async fn scan(&self, prefix: &[u8], cursor: Option<&ScanCursor>, limit: usize) -> Result<ScanPage>;
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage>;
 
     /// The backend's trusted time, Unix milliseconds.
     async fn now_ms(&self) -> Result<u64>;

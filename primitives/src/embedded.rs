@@ -83,7 +83,9 @@ impl Backend for Embedded {
     }
 
     async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<()> {
-        self.run(&self.db, Op::Set { key, value, ttl }).await.map(|_| ())
+        self.run(&self.db, Op::Set { key, value, ttl })
+            .await
+            .map(|_| ())
     }
 
     async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<bool> {
@@ -149,7 +151,12 @@ impl Backend for Embedded {
         Ok(self.db.ttl(key))
     }
 
-    async fn scan(&self, prefix: &[u8], cursor: Option<&ScanCursor>, limit: usize) -> Result<ScanPage> {
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage> {
         let cursor = cursor.map(|c| keel_engine::ScanCursor::from_bytes(c.0.clone()));
         let page = self.db.scan(prefix, cursor.as_ref(), limit, false);
         Ok(ScanPage {

@@ -73,7 +73,9 @@ impl Backend for Namespaced {
             .await
     }
     async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> Result<bool> {
-        self.inner.compare_and_delete(&self.key(key), expected).await
+        self.inner
+            .compare_and_delete(&self.key(key), expected)
+            .await
     }
     async fn delete(&self, key: &[u8]) -> Result<bool> {
         self.inner.delete(&self.key(key)).await
@@ -100,7 +102,12 @@ impl Backend for Namespaced {
     async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
         self.inner.ttl(&self.key(key)).await
     }
-    async fn scan(&self, prefix: &[u8], cursor: Option<&ScanCursor>, limit: usize) -> Result<ScanPage> {
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage> {
         let mut page = self.inner.scan(&self.key(prefix), cursor, limit).await?;
         for key in &mut page.keys {
             key.drain(..self.prefix.len());
