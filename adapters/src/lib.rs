@@ -4,6 +4,8 @@
 //! passes the same conformance suite as the embedded engine, so a service can move between
 //! them by changing only its URL.
 
+#[cfg(any(feature = "sled", feature = "redb"))]
+mod embedded_common;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redb")]

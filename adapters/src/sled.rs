@@ -1,1 +1,210 @@
-//! sled adapter (being written).
+//! The contract on sled 0.34: [`SledBackend`] keeps every key in the default tree of a sled
+//! database directory, one sled entry per key. It owns only the translation; the value layout,
+//! the operation semantics, expiry and the sweeper are shared with the redb adapter.
+//!
+//! **Value layout.** Each sled value is a 9-byte header (format byte `1`, then the absolute
+//! expiry in Unix milliseconds as a little-endian u64, 0 for none) followed by the caller's
+//! bytes. A value that does not decode is reported as [`ErrorKind::Corruption`].
+//!
+//! **Atomicity.** Every write is a read followed by sled's `compare_and_swap` of the whole
+//! stored value, retried from the value the failed swap returns, so each operation is atomic
+//! per key without a lock. `incr` parses, checks for overflow and only then swaps: a failure
+//! leaves the value unchanged.
+//!
+//! **Durability.** sled keeps recent writes in memory buffers and writes and fsyncs them from
+//! a background thread every 500 ms: in its native mode a crash of the process or the machine
+//! can lose up to the last half second of acknowledged writes. [`SledOptions`] defaults to
+//! flushing (fsync) after every write before acknowledging it, so that moving a service from
+//! keel's engine or redb to sled does not silently weaken what survives a crash; set
+//! `flush_every_write: false` for sled's native mode. `incr_durable` always flushes.
+//!
+//! **Expiry.** Lazy (an expired entry is absent for every operation) plus a background sweeper
+//! thread that removes expired entries in bounded batches, each with a conditional
+//! `compare_and_swap`, so an entry rewritten since the sweeper looked at it is kept. The
+//! sweeper stops when the backend is dropped.
+//!
+//! Every sled call blocks, so each operation runs on the Tokio blocking pool.
+
+use std::ops::Bound;
+use std::path::Path;
+
+use keel_primitives::{Error, ErrorKind, Result};
+
+pub use crate::embedded_common::ExpiryOptions;
+use crate::embedded_common::{
+    Core, Op, Outcome, Store, TrustedClock, Write, backend_via_core, collect_heads, head,
+    scan_start,
+};
+
+/// Options for [`SledBackend::open_with`].
+#[derive(Debug, Clone)]
+pub struct SledOptions {
+    /// Flush (write and fsync sled's buffers) after every write, before acknowledging it.
+    /// Default: `true`, so an acknowledged write survives a crash as it does on keel's engine
+    /// and on redb. `false` is sled's native mode: faster, but a crash can lose up to the last
+    /// 500 ms of acknowledged writes. `incr_durable` flushes either way.
+    pub flush_every_write: bool,
+    /// The expiry clock and the sweeper's pace.
+    pub expiry: ExpiryOptions,
+}
+
+impl Default for SledOptions {
+    fn default() -> Self {
+        SledOptions {
+            flush_every_write: true,
+            expiry: ExpiryOptions::default(),
+        }
+    }
+}
+
+/// keel's [`Backend`](keel_primitives::Backend) on a sled database directory. See the module
+/// docs for the layout, durability and expiry.
+#[derive(Debug)]
+pub struct SledBackend {
+    core: Core<SledStore>,
+}
+
+impl SledBackend {
+    /// Opens (or creates) the sled database in `dir` with [`SledOptions::default`].
+    ///
+    /// # Errors
+    /// As [`SledBackend::open_with`].
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        SledBackend::open_with(dir, SledOptions::default())
+    }
+
+    /// Opens (or creates) the sled database in `dir`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Locked`] if the database is already open (in this process or another);
+    /// [`ErrorKind::Corruption`] if sled finds it damaged; [`ErrorKind::Transient`] on I/O
+    /// errors; [`ErrorKind::InvalidInput`] for invalid [`ExpiryOptions`].
+    pub fn open_with(dir: impl AsRef<Path>, options: SledOptions) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir.as_ref())
+            .open()
+            .map_err(sled_error)?;
+        let store = SledStore {
+            db,
+            flush_every_write: options.flush_every_write,
+        };
+        Ok(SledBackend {
+            core: Core::new(store, options.expiry)?,
+        })
+    }
+}
+
+backend_via_core!(SledBackend);
+
+struct SledStore {
+    db: sled::Db,
+    flush_every_write: bool,
+}
+
+impl SledStore {
+    /// The compare-and-swap loop: applies `op` to `key` atomically, without flushing.
+    fn swap(&self, key: &[u8], op: &Op, clock: &TrustedClock) -> Result<Outcome> {
+        let mut current = self.db.get(key).map_err(sled_error)?;
+        loop {
+            let (write, outcome) = op.apply(current.as_deref(), clock.now_ms())?;
+            let new = match write {
+                Write::Nothing => return Ok(outcome),
+                Write::Put(bytes) => Some(bytes),
+                Write::Remove => None,
+            };
+            match self
+                .db
+                .compare_and_swap(key, current.as_ref(), new)
+                .map_err(sled_error)?
+            {
+                Ok(()) => return Ok(outcome),
+                // Someone wrote in between: decide again from what is there now.
+                Err(conflict) => current = conflict.current,
+            }
+        }
+    }
+}
+
+impl Store for SledStore {
+    const NAME: &'static str = "sled";
+
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        Ok(self.db.get(key).map_err(sled_error)?.map(|v| v.to_vec()))
+    }
+
+    fn apply(&self, key: &[u8], op: &Op, clock: &TrustedClock, durable: bool) -> Result<Outcome> {
+        let outcome = self.swap(key, op, clock)?;
+        // Flushed even when this operation wrote nothing: its answer may rest on another
+        // writer's write that is not on disk yet. sled's flush returns at once when nothing
+        // is dirty.
+        if durable || self.flush_every_write {
+            self.db.flush().map_err(sled_error)?;
+        }
+        Ok(outcome)
+    }
+
+    fn apply_each(&self, keys: &[Vec<u8>], op: &Op, clock: &TrustedClock) -> Result<()> {
+        // Not flushed: a sweeper delete lost in a crash leaves an entry that is still expired.
+        for key in keys {
+            self.swap(key, op, clock)?;
+        }
+        Ok(())
+    }
+
+    fn heads(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+        let range = self
+            .db
+            .range::<&[u8], _>((scan_start(prefix, after), Bound::Unbounded))
+            .map(|entry| {
+                entry
+                    .map(|(key, value)| (key.to_vec(), head(&value)))
+                    .map_err(sled_error)
+            });
+        collect_heads(range, prefix, limit)
+    }
+}
+
+/// Classifies a sled error, keeping it as the source.
+fn sled_error(e: sled::Error) -> Error {
+    let (kind, message) = match &e {
+        // sled reports a held file lock as a plain I/O error; its wording is the only sign.
+        sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => (
+            ErrorKind::Locked,
+            "the sled database is already open (in this process or another); close it first",
+        ),
+        sled::Error::Io(_) => (
+            ErrorKind::Transient,
+            "sled I/O failed; whether the write happened is unknown",
+        ),
+        sled::Error::Corruption { .. } => (
+            ErrorKind::Corruption,
+            "the sled database is damaged; restore it from a backup",
+        ),
+        _ => (ErrorKind::Permanent, "sled refused the operation"),
+    };
+    Error::new(kind, message).with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, expiry: ExpiryOptions) -> Result<Core<SledStore>> {
+        let options = SledOptions {
+            expiry,
+            ..SledOptions::default()
+        };
+        SledBackend::open_with(dir, options).map(|backend| backend.core)
+    }
+
+    fn put_raw(core: &Core<SledStore>, key: &[u8], raw: &[u8]) {
+        core.store.db.insert(key, raw).expect("raw insert");
+    }
+
+    crate::embedded_common::tests::store_tests!();
+}
