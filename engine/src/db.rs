@@ -17,9 +17,9 @@ use parking_lot::Mutex;
 
 use crate::clock::MonotonicClock;
 use crate::error::{Error, Result};
-use crate::index::{Index, Shard, Slot, entry_bytes};
+use crate::index::{Index, Shard, Slot, TOUCH_UNIT_MS, entry_bytes};
 use crate::int::parse_i64;
-use crate::options::{Durability, Limits, Options, TTL_MAX};
+use crate::options::{Durability, EvictionPolicy, Limits, Options, TTL_MAX};
 use crate::record::{self, Entry};
 use crate::snapshot::{self, SnapshotHeader, SnapshotWriter};
 use crate::storage::{DirLock, LockError, Storage, join};
@@ -328,6 +328,10 @@ pub struct Stats {
     pub durable_lsn: u64,
     /// Keys reclaimed by the active expirer since open.
     pub expired_reclaimed: u64,
+    /// The configured memory limit, if any.
+    pub max_memory: Option<u64>,
+    /// Keys evicted to stay under the memory limit since open.
+    pub evictions: u64,
     /// What recovery did (`None` for memory-only stores).
     pub recovery: Option<RecoveryReport>,
     /// Snapshots taken since open.
@@ -358,6 +362,13 @@ struct Core {
     recovery: Option<RecoveryReport>,
     expire_scan_per_shard: usize,
     disk: Option<Disk>,
+    max_memory: Option<u64>,
+    eviction: EvictionPolicy,
+    evictions: AtomicU64,
+    /// Next shard eviction looks at after the writer's own.
+    evict_shard_cursor: AtomicU64,
+    /// The clock reading (ms) that `Slot::touched` counts from.
+    touch_base_ms: u64,
 }
 
 /// What only an on-disk store has.
@@ -619,6 +630,7 @@ impl Db {
         recovery: Option<RecoveryReport>,
         disk: Option<Disk>,
     ) -> Result<Db> {
+        let touch_base_ms = clock.now_ms();
         let core = Arc::new(Core {
             index,
             wal,
@@ -629,6 +641,11 @@ impl Db {
             recovery,
             expire_scan_per_shard: options.expire_scan_per_shard,
             disk,
+            max_memory: options.max_memory,
+            eviction: options.eviction,
+            evictions: AtomicU64::new(0),
+            evict_shard_cursor: AtomicU64::new(0),
+            touch_base_ms,
         });
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let expirer_core = Arc::clone(&core);
@@ -744,6 +761,9 @@ impl Db {
         let now = core.clock.now_ms();
         let shard = core.index.shard(core.index.shard_of(key)).read();
         let slot = shard.map.get(key).filter(|s| s.is_live(now))?;
+        if core.eviction == EvictionPolicy::AllKeysLru {
+            slot.touch(core.touch_at(now));
+        }
         let ttl = slot.expiry().map(|at| Duration::from_millis(at - now));
         Some((slot.value.to_vec(), ttl))
     }
@@ -820,6 +840,8 @@ impl Db {
             wal_fsyncs,
             durable_lsn,
             expired_reclaimed: core.expired_reclaimed.load(Ordering::Relaxed),
+            max_memory: core.max_memory,
+            evictions: core.evictions.load(Ordering::Relaxed),
             recovery: core.recovery.clone(),
             snapshots: core.disk.as_ref().map_or(0, |d| d.reports.lock().0),
             last_snapshot: core.disk.as_ref().and_then(|d| d.reports.lock().1.clone()),
@@ -1189,6 +1211,20 @@ impl Db {
                 expires_at_ms: (*expires_at_ms != 0).then_some(*expires_at_ms),
             },
         };
+        if let Change::Put { value, .. } = &change {
+            let old = shard
+                .map
+                .get(key)
+                .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+            let new = entry_bytes(key.len(), value.len());
+            core.make_room(
+                Some(&mut shard),
+                key,
+                new.saturating_sub(old),
+                now,
+                self.durability,
+            )?;
+        }
         // WAL first, under the shard lock: if the append is refused nothing changes, and the
         // per-key order of records matches the order of states in memory.
         let lsn = match &core.wal {
@@ -1282,6 +1318,23 @@ impl Db {
                 BatchOp::Delete { key } => Entry::Delete { key },
             })
             .collect();
+        if core.max_memory.is_some() {
+            let mut growth = 0u64;
+            for (entry, shard_id) in entries.iter().zip(&op_shards) {
+                if let Entry::Put { key, value, .. } = entry {
+                    let g = shard_ids
+                        .binary_search(shard_id)
+                        .expect("shard was locked above");
+                    let old = guards[g]
+                        .map
+                        .get(*key)
+                        .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+                    growth += entry_bytes(key.len(), value.len()).saturating_sub(old);
+                }
+            }
+            // The batch's own shards are locked by this thread: eviction samples the others.
+            core.make_room(None, &[], growth, now, self.durability)?;
+        }
         let lsn = match &core.wal {
             Some(wal) => Some(wal.shared().append(now, &entries, self.durability)?),
             None => None,
@@ -1331,10 +1384,7 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64
             expires_at_ms,
             ..
         } => {
-            let slot = Slot {
-                value: value.into(),
-                expires_at_ms: expires_at_ms.unwrap_or(0),
-            };
+            let slot = Slot::new(value.into(), expires_at_ms.unwrap_or(0), 0);
             if let Some(old) = shard.map.remove(key) {
                 memory -= entry_bytes(key.len(), old.value.len());
             }
@@ -1357,7 +1407,130 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64
     memory
 }
 
+/// Candidates eviction examines per shard visit (like Redis's `maxmemory-samples`).
+const EVICTION_SAMPLE: usize = 16;
+
 impl Core {
+    /// `Slot::touched` for the time `now_ms`.
+    fn touch_at(&self, now_ms: u64) -> u32 {
+        u32::try_from(now_ms.saturating_sub(self.touch_base_ms) / TOUCH_UNIT_MS).unwrap_or(u32::MAX)
+    }
+
+    fn touch_now(&self) -> u32 {
+        if self.eviction == EvictionPolicy::AllKeysLru {
+            self.touch_at(self.clock.now_ms())
+        } else {
+            0
+        }
+    }
+
+    /// Makes room for `growth` more accounted bytes under `max_memory`, evicting per the policy.
+    /// `own` is the writer's locked shard (sampled first; `key` in it is never evicted); other
+    /// shards are only tried, never waited for, so eviction cannot deadlock with writers.
+    ///
+    /// Each eviction is logged as a Delete with the writer's durability, before the writer's own
+    /// record: when the write is acknowledged, its evictions are as durable as it is.
+    fn make_room(
+        &self,
+        mut own: Option<&mut Shard>,
+        key: &[u8],
+        growth: u64,
+        now: u64,
+        durability: Durability,
+    ) -> Result<()> {
+        let Some(limit) = self.max_memory else {
+            return Ok(());
+        };
+        let over = |core: &Core| core.memory_bytes.load(Ordering::Relaxed) + growth > limit;
+        if growth == 0 || !over(self) {
+            return Ok(());
+        }
+        let refuse = || Error::MemoryLimit {
+            used: self.memory_bytes.load(Ordering::Relaxed),
+            limit,
+        };
+        if self.eviction == EvictionPolicy::NoEviction {
+            return Err(refuse());
+        }
+        let shards = self.index.shard_count();
+        let mut fruitless = 0;
+        while over(self) {
+            if fruitless > 2 * shards {
+                return Err(refuse());
+            }
+            let evicted = match own.as_deref_mut().filter(|_| fruitless == 0) {
+                Some(shard) => self.evict_one(shard, key, now, durability)?,
+                None => {
+                    let i =
+                        self.evict_shard_cursor.fetch_add(1, Ordering::Relaxed) as usize % shards;
+                    match self.index.shard(i).try_write() {
+                        Some(mut shard) => self.evict_one(&mut shard, key, now, durability)?,
+                        None => false,
+                    }
+                }
+            };
+            fruitless = if evicted { 0 } else { fruitless + 1 };
+        }
+        Ok(())
+    }
+
+    /// Samples up to `EVICTION_SAMPLE` entries of `shard` and evicts the best candidate: an
+    /// already-expired entry first, else (AllKeysLru) the least recently touched or
+    /// (VolatileTtl) the soonest to expire among entries with a TTL. Returns whether it evicted.
+    fn evict_one(
+        &self,
+        shard: &mut Shard,
+        protect: &[u8],
+        now: u64,
+        durability: Durability,
+    ) -> Result<bool> {
+        use std::ops::Bound;
+        let start = match &shard.evict_cursor {
+            Some(c) => Bound::Excluded(&**c),
+            None => Bound::Unbounded,
+        };
+        let mut best: Option<(&[u8], (u8, u64))> = None;
+        let mut last: Option<&[u8]> = None;
+        let sample = shard
+            .map
+            .range::<[u8], _>((start, Bound::Unbounded))
+            .chain(shard.map.iter())
+            .take(EVICTION_SAMPLE);
+        for (k, slot) in sample {
+            last = Some(k);
+            if &**k == protect {
+                continue;
+            }
+            // Lower ranks evict first: (class, tiebreak).
+            let rank = if !slot.is_live(now) {
+                (0, 0)
+            } else {
+                match self.eviction {
+                    EvictionPolicy::AllKeysLru => (1, u64::from(slot.touched())),
+                    EvictionPolicy::VolatileTtl if slot.expires_at_ms != 0 => {
+                        (1, slot.expires_at_ms)
+                    }
+                    _ => continue,
+                }
+            };
+            if best.is_none_or(|(_, r)| rank < r) {
+                best = Some((k, rank));
+            }
+        }
+        let next_cursor = last.map(Box::<[u8]>::from);
+        let victim = best.map(|(k, _)| Box::<[u8]>::from(k));
+        shard.evict_cursor = next_cursor;
+        let Some(victim) = victim else {
+            return Ok(false);
+        };
+        if let Some(wal) = &self.wal {
+            wal.shared()
+                .append(now, &[Entry::Delete { key: &victim }], durability)?;
+        }
+        self.install(shard, &victim, Change::Delete);
+        self.evictions.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
     /// WAL bytes appended since the last snapshot started, and the automatic threshold.
     fn wal_growth(&self) -> Option<(u64, u64)> {
         match (&self.disk, &self.wal) {
@@ -1491,10 +1664,7 @@ impl Core {
                 expires_at_ms,
             } => {
                 let added = entry_bytes(key.len(), value.len());
-                let slot = Slot {
-                    value,
-                    expires_at_ms,
-                };
+                let slot = Slot::new(value, expires_at_ms, self.touch_now());
                 match shard.map.get_mut(key) {
                     Some(existing) => {
                         let removed = entry_bytes(key.len(), existing.value.len());

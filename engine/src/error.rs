@@ -62,6 +62,17 @@ pub enum Error {
     /// `incr` would overflow a signed 64-bit integer.
     #[error("increment or decrement would overflow; the value was left unchanged")]
     Overflow,
+    /// The store's `max_memory` would be exceeded and the eviction policy cannot make room
+    /// (`NoEviction`, or `VolatileTtl` with no key that has a TTL).
+    #[error(
+        "memory limit of {limit} bytes reached ({used} bytes used) and the eviction policy cannot make room; nothing was written"
+    )]
+    MemoryLimit {
+        /// Accounted bytes in use.
+        used: u64,
+        /// The configured limit.
+        limit: u64,
+    },
     /// Another `Db` (in this or another process) has the directory open.
     #[error("{} is locked by another open store{}", path.display(), match pid { Some(p) => format!(" (process {p})"), None => String::new() })]
     Locked {

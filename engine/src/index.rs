@@ -6,19 +6,45 @@
 use std::collections::BTreeMap;
 use std::ops::Bound;
 
+use std::sync::atomic::{AtomicU32, Ordering};
+
 use parking_lot::RwLock;
 
 /// Accounted overhead of one entry beyond its key and value bytes: the map slot (key and value
-/// boxes, expiry), the two heap allocations' headers, and the B-tree node share.
+/// boxes, expiry, access time), the two heap allocations' headers, and the B-tree node share.
 /// `BENCHMARKS.md` compares the accounted total with the process's measured RSS.
 pub(crate) const ENTRY_OVERHEAD_BYTES: u64 = 80;
 
 /// A stored value and its absolute expiry.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Slot {
     pub(crate) value: Box<[u8]>,
     /// Unix ms; 0 = no expiry.
     pub(crate) expires_at_ms: u64,
+    /// Last access, in units of [`TOUCH_UNIT_MS`] since the store opened (saturating), for
+    /// approximate LRU eviction. Only maintained when the eviction policy needs it.
+    pub(crate) touched: AtomicU32,
+}
+
+/// Granularity of [`Slot::touched`]: 16 ms units cover 2 years in a `u32`.
+pub(crate) const TOUCH_UNIT_MS: u64 = 16;
+
+impl Slot {
+    pub(crate) fn new(value: Box<[u8]>, expires_at_ms: u64, touched: u32) -> Self {
+        Slot {
+            value,
+            expires_at_ms,
+            touched: AtomicU32::new(touched),
+        }
+    }
+
+    pub(crate) fn touched(&self) -> u32 {
+        self.touched.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn touch(&self, at: u32) {
+        self.touched.store(at, Ordering::Relaxed);
+    }
 }
 
 impl Slot {
@@ -43,6 +69,8 @@ pub(crate) struct Shard {
     pub(crate) map: BTreeMap<Box<[u8]>, Slot>,
     /// Where the active expirer resumes in this shard.
     pub(crate) expire_cursor: Option<Box<[u8]>>,
+    /// Where eviction sampling resumes in this shard.
+    pub(crate) evict_cursor: Option<Box<[u8]>>,
 }
 
 /// One scanned entry: key, value (if asked for) and expiry (if asked for).

@@ -67,6 +67,21 @@ impl Default for Limits {
     }
 }
 
+/// What happens when a write would take the store past its `max_memory`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionPolicy {
+    /// Refuse the write with [`Error::MemoryLimit`](crate::Error::MemoryLimit); nothing is
+    /// written. The default.
+    #[default]
+    NoEviction,
+    /// Evict keys that have a TTL, soonest to expire first among a sample (Redis's
+    /// `volatile-ttl`); refuse the write if no key has a TTL.
+    VolatileTtl,
+    /// Evict any key, approximately least recently used: the oldest-touched of a sample of 16
+    /// (Redis's `allkeys-lru`). Reads record their access time.
+    AllKeysLru,
+}
+
 /// How to open a store. Start from `Options::default()` and adjust with the builder methods.
 #[derive(Clone)]
 pub struct Options {
@@ -81,6 +96,8 @@ pub struct Options {
     pub(crate) snapshot_after_wal_bytes: u64,
     pub(crate) create_if_missing: bool,
     pub(crate) lock_wait: Duration,
+    pub(crate) max_memory: Option<u64>,
+    pub(crate) eviction: EvictionPolicy,
 }
 
 /// Default WAL growth that triggers an automatic snapshot: 128 MiB.
@@ -110,6 +127,8 @@ impl Default for Options {
             snapshot_after_wal_bytes: SNAPSHOT_AFTER_WAL_BYTES_DEFAULT,
             create_if_missing: true,
             lock_wait: Duration::ZERO,
+            max_memory: None,
+            eviction: EvictionPolicy::NoEviction,
         }
     }
 }
@@ -126,6 +145,8 @@ impl fmt::Debug for Options {
             .field("snapshot_after_wal_bytes", &self.snapshot_after_wal_bytes)
             .field("create_if_missing", &self.create_if_missing)
             .field("lock_wait", &self.lock_wait)
+            .field("max_memory", &self.max_memory)
+            .field("eviction", &self.eviction)
             .finish_non_exhaustive()
     }
 }
@@ -187,6 +208,18 @@ impl Options {
     /// children while reopening (a child briefly inherits the lock between `fork` and `exec`).
     pub fn lock_wait(mut self, wait: Duration) -> Self {
         self.lock_wait = wait;
+        self
+    }
+
+    /// Caps the memory the store accounts for (keys, values and a fixed per-entry index
+    /// overhead, see `Stats::memory_bytes`), with `policy` deciding what a write that would
+    /// exceed it does (default: no limit). Evictions are logged, so evicted keys stay gone
+    /// after a restart. The cap is checked per write: concurrent writers can overshoot it by
+    /// at most one write each. A store reopened over the cap loads everything and evicts as
+    /// new writes arrive.
+    pub fn max_memory(mut self, bytes: u64, policy: EvictionPolicy) -> Self {
+        self.max_memory = Some(bytes);
+        self.eviction = policy;
         self
     }
 

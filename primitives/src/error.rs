@@ -109,9 +109,10 @@ impl From<keel_engine::Error> for Error {
     fn from(e: keel_engine::Error) -> Self {
         use keel_engine::Error as E;
         let kind = match &e {
-            E::KeyTooLarge { .. } | E::ValueTooLarge { .. } | E::BatchTooLarge { .. } => {
-                ErrorKind::Limit
-            }
+            E::KeyTooLarge { .. }
+            | E::ValueTooLarge { .. }
+            | E::BatchTooLarge { .. }
+            | E::MemoryLimit { .. } => ErrorKind::Limit,
             E::InvalidTtl { .. } => ErrorKind::InvalidInput,
             E::NotAnInteger => ErrorKind::NotAnInteger,
             E::Overflow => ErrorKind::Overflow,

@@ -237,6 +237,11 @@ pub fn stats(dir: &Path, out: &mut dyn Write) -> CmdResult {
         stats.keys
     )?;
     writeln!(out, "memory bytes: {}", stats.memory_bytes)?;
+    match stats.max_memory {
+        Some(limit) => writeln!(out, "memory limit: {limit} bytes")?,
+        None => writeln!(out, "memory limit: none")?,
+    }
+    writeln!(out, "evictions since open: {}", stats.evictions)?;
     writeln!(out, "wal bytes: {}", stats.wal_bytes)?;
     writeln!(out, "wal segments: {}", stats.wal_segments)?;
     writeln!(out, "wal fsyncs since open: {}", stats.wal_fsyncs)?;
