@@ -9,6 +9,11 @@
 //! - [`adapters`] (`keel-adapters`): the contract on Redis, Valkey, Postgres, sled and redb,
 //!   one cargo feature each (`redis`, `valkey`, `postgres`, `sled`, `redb`, or `full`).
 
+// The README's examples compile and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 use std::path::Path;
 use std::sync::Arc;
 
