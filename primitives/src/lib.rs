@@ -13,7 +13,9 @@
 pub mod backend;
 mod embedded;
 mod error;
+pub mod lock;
 mod namespace;
+pub mod ratelimit;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

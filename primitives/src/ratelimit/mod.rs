@@ -1,0 +1,996 @@
+//! Rate limiting on the [`Backend`] contract: fixed window, sliding window, token bucket and
+//! GCRA, per-key quotas, and stacked policies. Every decision is made atomically through the
+//! contract's operations (`incr`, `compare_and_swap`), so limiters on many application nodes
+//! sharing one backend enforce one limit together.
+//!
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async {
+//! use std::sync::Arc;
+//! use keel_primitives::Embedded;
+//! use keel_primitives::ratelimit::{Quota, RateLimiter, Stacked, Strategy};
+//!
+//! let backend = Arc::new(Embedded::memory());
+//! let burst = RateLimiter::new(backend.clone(), "api-s", Strategy::Gcra, Quota::per_second(10))?;
+//! let hourly = RateLimiter::new(backend, "api-h", Strategy::SlidingWindow, Quota::per_hour(1000))?;
+//! let limiter = Stacked::new(vec![burst, hourly])?;
+//! let d = limiter.check(b"user:42", 1).await?;
+//! assert!(d.allowed);
+//! assert_eq!(d.remaining, 9); // the tighter policy
+//! // Denied: answer 429 with `Retry-After: d.retry_after_secs()`.
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
+//! # }
+//! ```
+//!
+//! # Strategies
+//! - [`Strategy::FixedWindow`]: one counter per key and window (`incr`, created with a TTL of
+//!   two windows). Cheapest and exact per window, but it admits up to **2 × limit within a
+//!   short interval around a window boundary** (`limit` at the end of one window, `limit` at
+//!   the start of the next). Use the sliding window, the token bucket or GCRA to avoid that.
+//! - [`Strategy::SlidingWindow`]: the two-window weighted counter. The estimate is
+//!   `previous × (period − elapsed) / period + current`, compared in exact integer arithmetic.
+//!   Bound: in any interval of length `d ≤ period` it admits at most
+//!   `limit × (1 + d / period)`, so around a boundary about `limit` (no fixed-window spike),
+//!   and over a whole period less than `2 × limit`, approached only when the previous window's
+//!   traffic all came at its very end. For evenly spread traffic it is close to exact.
+//! - [`Strategy::TokenBucket`]: a bucket of `burst` tokens refilled at `limit` per `period`;
+//!   the level and the time of the last update live in one key, updated by a bounded
+//!   compare-and-swap loop. Admits at most `burst + rate × d` in any interval of length `d`.
+//! - [`Strategy::Gcra`]: the generic cell rate algorithm: one theoretical arrival time per key,
+//!   same CAS loop. Makes exactly the token bucket's decisions with smaller state.
+//!
+//! State keys carry TTLs (two windows; or the time until the bucket is full again), so idle
+//! keys disappear by themselves and a vanished key means "full quota". Keys are
+//! `rl:{name}:{fw|sw}:{period_ms}:{window}:{key}` and `rl:{name}:{tb|gcra}:{key}`.
+//!
+//! # Denied requests do not consume
+//! A denial never makes the next request's outcome worse:
+//! - Fixed and sliding window read the counter(s) first; a request that would exceed is
+//!   denied without writing. Otherwise they `incr` and re-check the returned count; if a
+//!   concurrent request got there first, the increment is undone with `incr(−cost)`. Between
+//!   the increment and the undo other requests see the overshoot and may be denied although
+//!   they would fit afterwards: under contention this can deny falsely, it never admits more
+//!   than the limit. When every request has the same cost (e.g. 1) it cannot deny falsely: the
+//!   first overshoot can only happen once the window is full.
+//! - Token bucket and GCRA write only when they admit.
+//!
+//! A `cost` larger than the capacity (the limit for windows, the burst for buckets) could never
+//! be admitted: [`RateLimiter::check`] refuses it with [`RateLimitError::CostOverCapacity`]
+//! and consumes nothing. A cost of 0 consumes nothing and reports the current state.
+//!
+//! # Clocks
+//! Every strategy reads "now" once per decision, by default from [`Backend::now_ms`]: the
+//! backend's trusted clock (the server's, for Redis, Valkey and Postgres), the same for every
+//! application node; it costs one round trip. [`RateLimiter::with_clock`] injects a [`Clock`]
+//! instead ([`ManualClock`] in tests; [`SystemClock`] to save the round trip on one node).
+//! TTLs always run on the backend's clock. With a local clock, skew between nodes matters:
+//! - fixed window: a node δ ahead switches windows δ early, so around each boundary nodes
+//!   count into different windows and a key can get up to 2 × limit (more with more clocks);
+//! - sliding window: the same window confusion, and a node δ ahead weighs the previous window
+//!   δ/period too little;
+//! - token bucket, GCRA: the state holds absolute times written by whichever node admitted
+//!   last; a node δ ahead of the writer sees δ × rate of extra refill (up to the burst), a
+//!   node δ behind sees the state in its future and denies for up to δ longer.
+//!
+//! # Per-key quotas and stacked policies
+//! A [`QuotaResolver`] picks the quota per key (any `Fn(&[u8]) -> Quota` is one; so is a
+//! plain [`Quota`]). [`Stacked`] combines policies (e.g. 10/s and 1,000/h): a request is
+//! admitted only if every policy admits it, and a denial consumes from none of them. How,
+//! and the remaining race window, are documented on [`Stacked`].
+
+mod math;
+mod stacked;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::backend::{Backend, TTL_MAX, TtlPolicy, parse_i64};
+use crate::error::{Error, ErrorKind};
+
+pub use keel_engine::{Clock, ManualClock, SystemClock};
+pub use stacked::{STACK_POLICIES_MAX, Stacked};
+
+use math::{Params, Verdict};
+
+/// Largest `limit` or `burst` a [`Quota`] may have (2^40, about 1.1 × 10^12).
+pub const QUOTA_LIMIT_MAX: u64 = 1 << 40;
+/// Longest quota period: half the longest TTL, since window counters live for two windows.
+pub const PERIOD_MAX: Duration = Duration::from_millis(TTL_MAX_MS / 2);
+/// Default bound on compare-and-swap rounds per decision (token bucket, GCRA). Every lost
+/// round means another request was admitted, so this is only reached when more than this many
+/// requests on one key are admitted while one request waits.
+pub const CAS_ATTEMPTS_DEFAULT: u32 = 64;
+/// Longest limiter name, in bytes.
+pub const NAME_BYTES_MAX: usize = 64;
+
+const TTL_MAX_MS: u64 = TTL_MAX.as_secs() * 1000;
+const KEY_PREFIX: &[u8] = b"rl:";
+
+const _: () = assert!(TTL_MAX.subsec_nanos() == 0);
+// `math` scales clock readings (any u64) by a limit, then adds a burst times a period: that
+// must fit a u128 with room to spare.
+const _: () = assert!((u64::MAX as u128) * (QUOTA_LIMIT_MAX as u128) < u128::MAX / 4);
+const _: () = assert!((QUOTA_LIMIT_MAX as u128) * (TTL_MAX_MS as u128) < u128::MAX / 4);
+
+/// How a [`RateLimiter`] counts. See the module docs for each one's guarantees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Strategy {
+    /// One counter per window; up to 2 × limit around a window boundary.
+    FixedWindow,
+    /// Two-window weighted counter; at most `limit × (1 + d / period)` in any interval `d`.
+    SlidingWindow,
+    /// `burst` tokens refilled at `limit` per `period`.
+    TokenBucket,
+    /// Generic cell rate algorithm; the token bucket's decisions with one timestamp of state.
+    Gcra,
+}
+
+impl Strategy {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Strategy::FixedWindow => b"fw",
+            Strategy::SlidingWindow => b"sw",
+            Strategy::TokenBucket => b"tb",
+            Strategy::Gcra => b"gcra",
+        }
+    }
+
+    fn is_window(self) -> bool {
+        matches!(self, Strategy::FixedWindow | Strategy::SlidingWindow)
+    }
+}
+
+/// A rate: `limit` per `period`, with an optional `burst` (bucket capacity) for the token
+/// bucket and GCRA (default: `limit`; the window strategies ignore it).
+///
+/// Constructors never fail; a quota is validated when used (limit and burst between 1 and
+/// [`QUOTA_LIMIT_MAX`], period between 1 ms and [`PERIOD_MAX`], sub-millisecond parts rounded
+/// up, and refilling the whole burst must take at most the longest TTL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    limit: u64,
+    period: Duration,
+    burst: Option<u64>,
+}
+
+impl Quota {
+    /// `limit` per `period`.
+    pub const fn new(limit: u64, period: Duration) -> Self {
+        Quota {
+            limit,
+            period,
+            burst: None,
+        }
+    }
+
+    /// `limit` per second.
+    pub const fn per_second(limit: u64) -> Self {
+        Quota::new(limit, Duration::from_secs(1))
+    }
+
+    /// `limit` per minute.
+    pub const fn per_minute(limit: u64) -> Self {
+        Quota::new(limit, Duration::from_secs(60))
+    }
+
+    /// `limit` per hour.
+    pub const fn per_hour(limit: u64) -> Self {
+        Quota::new(limit, Duration::from_secs(3600))
+    }
+
+    /// `limit` per day.
+    pub const fn per_day(limit: u64) -> Self {
+        Quota::new(limit, Duration::from_secs(86_400))
+    }
+
+    /// The bucket capacity for the token bucket and GCRA: how many requests may come at once
+    /// after a quiet spell.
+    pub const fn with_burst(mut self, burst: u64) -> Self {
+        self.burst = Some(burst);
+        self
+    }
+
+    /// Requests (cost units) per period.
+    pub const fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The period (window length; for buckets, the time to earn `limit` tokens).
+    pub const fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The bucket capacity (`limit` unless set).
+    pub const fn burst(&self) -> u64 {
+        match self.burst {
+            Some(b) => b,
+            None => self.limit,
+        }
+    }
+
+    fn params(&self) -> Result<Params, RateLimitError> {
+        let invalid = |reason: String| Err(RateLimitError::InvalidQuota { reason });
+        if self.limit == 0 || self.limit > QUOTA_LIMIT_MAX {
+            return invalid(format!(
+                "limit {} is outside 1..={QUOTA_LIMIT_MAX}",
+                self.limit
+            ));
+        }
+        let burst = self.burst();
+        if burst == 0 || burst > QUOTA_LIMIT_MAX {
+            return invalid(format!("burst {burst} is outside 1..={QUOTA_LIMIT_MAX}"));
+        }
+        let period_ms = self.period.as_nanos().div_ceil(1_000_000);
+        if period_ms == 0 || self.period > PERIOD_MAX {
+            return invalid(format!(
+                "period {:?} is outside 1 ms..={PERIOD_MAX:?}",
+                self.period
+            ));
+        }
+        let period_ms = u64::try_from(period_ms).unwrap_or(u64::MAX);
+        let refill_ms = u128::from(burst) * u128::from(period_ms) / u128::from(self.limit);
+        if refill_ms > u128::from(TTL_MAX_MS) {
+            return invalid(format!(
+                "refilling a burst of {burst} at {} per {:?} takes longer than the longest TTL",
+                self.limit, self.period
+            ));
+        }
+        Ok(Params {
+            limit: self.limit,
+            period_ms,
+            burst,
+        })
+    }
+}
+
+/// Picks the quota for a key (per-user plans, per-tenant limits). Implemented by any
+/// `Fn(&[u8]) -> Quota + Send + Sync + 'static` and by [`Quota`] itself (the same for every
+/// key). Called once per decision; keep it fast.
+pub trait QuotaResolver: Send + Sync + 'static {
+    /// The quota for `key`.
+    fn quota(&self, key: &[u8]) -> Quota;
+}
+
+impl<F> QuotaResolver for F
+where
+    F: Fn(&[u8]) -> Quota + Send + Sync + 'static,
+{
+    fn quota(&self, key: &[u8]) -> Quota {
+        self(key)
+    }
+}
+
+impl QuotaResolver for Quota {
+    fn quota(&self, _key: &[u8]) -> Quota {
+        *self
+    }
+}
+
+/// The answer to a rate-limit check: whether it was admitted, and what an HTTP layer needs
+/// for `RateLimit`/`RateLimit-Policy`, `X-RateLimit-*` and `Retry-After`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the request was admitted (and counted).
+    pub allowed: bool,
+    /// The capacity `remaining` counts against: the quota's limit for the window strategies,
+    /// its burst for the token bucket and GCRA.
+    pub limit: u64,
+    /// What is left now, after this request if it was admitted.
+    pub remaining: u64,
+    /// How long until `remaining` is back to `limit` if nothing else arrives. Fixed window:
+    /// the end of the current window. Sliding window: until every counted request has slid
+    /// out (zero if none). Token bucket, GCRA: until the bucket is full.
+    pub reset_after: Duration,
+    /// For a denial, how long until the same request would be admitted if nothing else
+    /// arrives; `None` when admitted.
+    pub retry_after: Option<Duration>,
+    /// The quota that decided (for `RateLimit-Policy`: `q = limit`, `w = period`).
+    pub quota: Quota,
+}
+
+impl Decision {
+    /// `reset_after` in whole seconds, rounded up (for headers).
+    pub fn reset_after_secs(&self) -> u64 {
+        ceil_secs(self.reset_after)
+    }
+
+    /// `retry_after` in whole seconds, rounded up (for `Retry-After`).
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        self.retry_after.map(ceil_secs)
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// Why a rate-limit call failed (as opposed to denying the request).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RateLimitError {
+    /// The quota (from the resolver) is out of range; nothing was consumed.
+    #[error("invalid rate-limit quota: {reason}; fix the quota")]
+    InvalidQuota {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The request costs more than the policy's capacity, so it could never be admitted;
+    /// nothing was consumed.
+    #[error(
+        "a request costing {cost} can never be admitted: the capacity is {capacity}; nothing \
+         was consumed, split the request or raise the quota"
+    )]
+    CostOverCapacity {
+        /// The request's cost.
+        cost: u64,
+        /// The limit (windows) or burst (buckets).
+        capacity: u64,
+    },
+    /// A limiter name is empty, too long or has characters other than ASCII letters, digits,
+    /// `-`, `_`, `.`; or a stack repeats a name.
+    #[error("invalid rate limiter name {name:?}: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A [`Stacked`] limiter was built with no policies or more than [`STACK_POLICIES_MAX`].
+    #[error("invalid stack of rate limiters: {reason}")]
+    InvalidStack {
+        /// What is wrong.
+        reason: String,
+    },
+    /// The compare-and-swap loop lost every round to concurrent admissions. Nothing was
+    /// consumed by this call; retrying (or failing open/closed) is the caller's choice.
+    #[error(
+        "{attempts} compare-and-swap rounds lost to concurrent requests on one key; nothing \
+         was consumed, retry"
+    )]
+    Contention {
+        /// Rounds tried.
+        attempts: u32,
+    },
+    /// The backend failed (see [`Error::kind`]). For a check, whether the request was counted
+    /// is unknown.
+    #[error(transparent)]
+    Backend(#[from] Error),
+}
+
+/// Anything that decides on requests: a [`RateLimiter`] or a [`Stacked`] one. Lets an HTTP
+/// layer take either.
+#[async_trait]
+pub trait Limiter: Send + Sync {
+    /// Decides on a request of `cost` for `key`, consuming if admitted.
+    async fn check(&self, key: &[u8], cost: u64) -> Result<Decision, RateLimitError>;
+    /// Reports whether a request of cost 1 would be admitted now, consuming nothing.
+    async fn peek(&self, key: &[u8]) -> Result<Decision, RateLimitError>;
+}
+
+/// One rate-limiting policy on one backend: a name (for its keys), a [`Strategy`], a quota
+/// per key and a clock. Cheap to clone.
+#[derive(Clone)]
+pub struct RateLimiter {
+    backend: Arc<dyn Backend>,
+    name: String,
+    strategy: Strategy,
+    quotas: Arc<dyn QuotaResolver>,
+    clock: Option<Arc<dyn Clock>>,
+    cas_attempts: u32,
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("backend", &self.backend.name())
+            .field("name", &self.name)
+            .field("strategy", &self.strategy)
+            .field(
+                "clock",
+                &if self.clock.is_some() {
+                    "injected"
+                } else {
+                    "backend"
+                },
+            )
+            .finish()
+    }
+}
+
+/// Everything one decision needs, resolved once.
+#[derive(Debug, Clone, Copy)]
+struct Prepared {
+    params: Params,
+    quota: Quota,
+    now_ms: u64,
+}
+
+/// How to give back what a consuming check took (used by [`Stacked`]).
+enum Receipt {
+    Counter {
+        key: Vec<u8>,
+        cost: i64,
+        ttl: Duration,
+    },
+    Gcra {
+        key: Vec<u8>,
+        cost: u64,
+        prepared: Prepared,
+    },
+    Bucket {
+        key: Vec<u8>,
+        cost: u64,
+        prepared: Prepared,
+    },
+}
+
+impl RateLimiter {
+    /// A limiter called `name` (its keys start with `rl:{name}:`; ASCII letters, digits, `-`,
+    /// `_`, `.`, at most [`NAME_BYTES_MAX`] bytes) using `strategy`, with quotas from `quotas`
+    /// (a [`Quota`] or a closure), reading time from the backend.
+    ///
+    /// # Errors
+    /// [`RateLimitError::InvalidName`].
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        name: &str,
+        strategy: Strategy,
+        quotas: impl QuotaResolver,
+    ) -> Result<Self, RateLimitError> {
+        validate_name(name)?;
+        Ok(RateLimiter {
+            backend,
+            name: name.to_owned(),
+            strategy,
+            quotas: Arc::new(quotas),
+            clock: None,
+            cas_attempts: CAS_ATTEMPTS_DEFAULT,
+        })
+    }
+
+    /// Reads time from `clock` instead of the backend (see the module docs on skew).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Bounds the compare-and-swap rounds per decision (default [`CAS_ATTEMPTS_DEFAULT`],
+    /// at least 1).
+    pub fn with_cas_attempts(mut self, attempts: u32) -> Self {
+        self.cas_attempts = attempts.max(1);
+        self
+    }
+
+    /// The limiter's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The limiter's strategy.
+    pub fn strategy(&self) -> Strategy {
+        self.strategy
+    }
+
+    /// The quota that applies to `key`.
+    pub fn quota_for(&self, key: impl AsRef<[u8]>) -> Quota {
+        self.quotas.quota(key.as_ref())
+    }
+
+    /// Decides on a request of `cost` for `key`; an admitted request is counted. A denied one
+    /// consumes nothing (see the module docs).
+    ///
+    /// # Errors
+    /// [`RateLimitError::CostOverCapacity`] (nothing consumed), `InvalidQuota`, `Contention`,
+    /// `Backend`.
+    pub async fn check(
+        &self,
+        key: impl AsRef<[u8]>,
+        cost: u64,
+    ) -> Result<Decision, RateLimitError> {
+        let key = key.as_ref();
+        let prepared = self.prepare(key, cost).await?;
+        if cost == 0 {
+            return self.evaluate(key, 0, &prepared).await;
+        }
+        Ok(self.consume(key, cost, &prepared, false).await?.0)
+    }
+
+    /// Whether a request of cost 1 would be admitted now (`allowed`, `retry_after`), and what
+    /// remains now (`remaining`, `reset_after`: nothing is consumed, so not less one).
+    ///
+    /// # Errors
+    /// As [`RateLimiter::check`].
+    pub async fn peek(&self, key: impl AsRef<[u8]>) -> Result<Decision, RateLimitError> {
+        let key = key.as_ref();
+        let prepared = self.prepare(key, 1).await?;
+        self.evaluate(key, 1, &prepared).await
+    }
+
+    /// Forgets `key`'s usage (the current and previous window, or the bucket): its full quota
+    /// is available again.
+    ///
+    /// # Errors
+    /// `InvalidQuota`, `Backend`.
+    pub async fn reset(&self, key: impl AsRef<[u8]>) -> Result<(), RateLimitError> {
+        let key = key.as_ref();
+        let prepared = self.prepare(key, 0).await?;
+        if self.strategy.is_window() {
+            let (index, _) = math::window(&prepared.params, prepared.now_ms);
+            self.backend
+                .delete(&self.window_key(&prepared.params, index, key))
+                .await?;
+            if let Some(previous) = index.checked_sub(1) {
+                self.backend
+                    .delete(&self.window_key(&prepared.params, previous, key))
+                    .await?;
+            }
+        } else {
+            self.backend.delete(&self.state_key(key)).await?;
+        }
+        Ok(())
+    }
+
+    fn capacity(&self, params: &Params) -> u64 {
+        if self.strategy.is_window() {
+            params.limit
+        } else {
+            params.burst
+        }
+    }
+
+    /// Resolves and validates the quota, refuses impossible costs, and reads "now" once.
+    async fn prepare(&self, key: &[u8], cost: u64) -> Result<Prepared, RateLimitError> {
+        let quota = self.quotas.quota(key);
+        let params = quota.params()?;
+        let capacity = self.capacity(&params);
+        if cost > capacity {
+            return Err(RateLimitError::CostOverCapacity { cost, capacity });
+        }
+        let now_ms = match &self.clock {
+            Some(clock) => clock.now_ms(),
+            None => self.backend.now_ms().await?,
+        };
+        Ok(Prepared {
+            params,
+            quota,
+            now_ms,
+        })
+    }
+
+    fn decision(&self, prepared: &Prepared, verdict: Verdict) -> Decision {
+        Decision {
+            allowed: verdict.allowed,
+            limit: self.capacity(&prepared.params),
+            remaining: verdict.remaining,
+            reset_after: Duration::from_millis(verdict.reset_after_ms),
+            retry_after: verdict.retry_after_ms.map(Duration::from_millis),
+            quota: prepared.quota,
+        }
+    }
+
+    fn base_key(&self) -> Vec<u8> {
+        let mut k = Vec::with_capacity(KEY_PREFIX.len() + self.name.len() + 8);
+        k.extend_from_slice(KEY_PREFIX);
+        k.extend_from_slice(self.name.as_bytes());
+        k.push(b':');
+        k.extend_from_slice(self.strategy.tag());
+        k.push(b':');
+        k
+    }
+
+    /// `rl:{name}:{tb|gcra}:{key}`.
+    fn state_key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = self.base_key();
+        k.extend_from_slice(key);
+        k
+    }
+
+    /// `rl:{name}:{fw|sw}:{period_ms}:{index}:{key}`. Names have no `:` and the numbers are
+    /// digits, so distinct (name, period, window, key) never share a key.
+    fn window_key(&self, params: &Params, index: u64, key: &[u8]) -> Vec<u8> {
+        let mut k = self.base_key();
+        k.extend_from_slice(format!("{}:{index}:", params.period_ms).as_bytes());
+        k.extend_from_slice(key);
+        k
+    }
+
+    fn window_ttl(params: &Params) -> Duration {
+        Duration::from_millis(params.period_ms.saturating_mul(2))
+    }
+
+    async fn counter(&self, key: &[u8]) -> Result<i64, RateLimitError> {
+        match self.backend.get(key).await? {
+            None => Ok(0),
+            Some(raw) => parse_i64(&raw).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corruption,
+                    format!(
+                        "rate-limit counter {:?} is not an integer; it was written by something \
+                         else: delete it",
+                        String::from_utf8_lossy(key)
+                    ),
+                )
+                .into()
+            }),
+        }
+    }
+
+    /// Decides without writing: whether `cost` would be admitted (and when it would be, if
+    /// not), with `remaining` and `reset_after` as they are now, nothing consumed.
+    async fn evaluate(
+        &self,
+        key: &[u8],
+        cost: u64,
+        prepared: &Prepared,
+    ) -> Result<Decision, RateLimitError> {
+        let p = &prepared.params;
+        let now = prepared.now_ms;
+        let judge: Box<dyn Fn(u64) -> Verdict + Send> = match self.strategy {
+            Strategy::FixedWindow => {
+                let (index, elapsed) = math::window(p, now);
+                let count = self.counter(&self.window_key(p, index, key)).await?;
+                Box::new(move |c| math::fixed_window(p, elapsed, count, c))
+            }
+            Strategy::SlidingWindow => {
+                let (index, elapsed) = math::window(p, now);
+                let (prev, curr) = self.sliding_counts(p, index, key).await?;
+                Box::new(move |c| math::sliding_window(p, elapsed, prev, curr, c))
+            }
+            Strategy::Gcra => {
+                let raw = self.backend.get(&self.state_key(key)).await?;
+                let tat = raw.as_deref().and_then(|r| math::decode_gcra(p, r));
+                Box::new(move |c| math::gcra(p, tat, now, c).0)
+            }
+            Strategy::TokenBucket => {
+                let raw = self.backend.get(&self.state_key(key)).await?;
+                let state = raw.as_deref().and_then(|r| math::decode_bucket(p, r));
+                Box::new(move |c| math::token_bucket(p, state, now, c).0)
+            }
+        };
+        let asked = judge(cost);
+        let current = judge(0);
+        Ok(self.decision(
+            prepared,
+            Verdict {
+                allowed: asked.allowed,
+                remaining: current.remaining,
+                reset_after_ms: current.reset_after_ms,
+                retry_after_ms: asked.retry_after_ms,
+            },
+        ))
+    }
+
+    async fn sliding_counts(
+        &self,
+        p: &Params,
+        index: u64,
+        key: &[u8],
+    ) -> Result<(i64, i64), RateLimitError> {
+        let prev = match index.checked_sub(1) {
+            Some(previous) => self.counter(&self.window_key(p, previous, key)).await?,
+            None => 0,
+        };
+        let curr = self.counter(&self.window_key(p, index, key)).await?;
+        Ok((prev, curr))
+    }
+
+    /// Decides and, if admitted, counts. `prechecked`: the caller has just evaluated this
+    /// request as admitted, so the counter strategies skip their read-first step.
+    async fn consume(
+        &self,
+        key: &[u8],
+        cost: u64,
+        prepared: &Prepared,
+        prechecked: bool,
+    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
+        match self.strategy {
+            Strategy::FixedWindow | Strategy::SlidingWindow => {
+                self.consume_counter(key, cost, prepared, prechecked).await
+            }
+            Strategy::Gcra | Strategy::TokenBucket => self.consume_cas(key, cost, prepared).await,
+        }
+    }
+
+    async fn consume_counter(
+        &self,
+        key: &[u8],
+        cost: u64,
+        prepared: &Prepared,
+        prechecked: bool,
+    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
+        let p = &prepared.params;
+        let (index, elapsed) = math::window(p, prepared.now_ms);
+        let sliding = self.strategy == Strategy::SlidingWindow;
+        let prev = if sliding {
+            match index.checked_sub(1) {
+                Some(previous) => self.counter(&self.window_key(p, previous, key)).await?,
+                None => 0,
+            }
+        } else {
+            0
+        };
+        let judge = |count: i64| {
+            if sliding {
+                math::sliding_window(p, elapsed, prev, count, cost)
+            } else {
+                math::fixed_window(p, elapsed, count, cost)
+            }
+        };
+        let counter_key = self.window_key(p, index, key);
+        if !prechecked {
+            // Read first: a request that would exceed is denied without writing anything.
+            let verdict = judge(self.counter(&counter_key).await?);
+            if !verdict.allowed {
+                return Ok((self.decision(prepared, verdict), None));
+            }
+        }
+        // cost <= capacity <= QUOTA_LIMIT_MAX, so it fits an i64.
+        let delta = i64::try_from(cost).unwrap_or(i64::MAX);
+        let ttl = Self::window_ttl(p);
+        let after = self.backend.incr(&counter_key, delta, Some(ttl)).await?;
+        let verdict = judge(after.saturating_sub(delta));
+        if !verdict.allowed {
+            // A concurrent request took the room: undo ours, so the denial consumes nothing.
+            self.backend.incr(&counter_key, -delta, Some(ttl)).await?;
+            return Ok((self.decision(prepared, verdict), None));
+        }
+        let receipt = Receipt::Counter {
+            key: counter_key,
+            cost: delta,
+            ttl,
+        };
+        Ok((self.decision(prepared, verdict), Some(receipt)))
+    }
+
+    async fn consume_cas(
+        &self,
+        key: &[u8],
+        cost: u64,
+        prepared: &Prepared,
+    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
+        let p = &prepared.params;
+        let now = prepared.now_ms;
+        let state_key = self.state_key(key);
+        for _ in 0..self.cas_attempts {
+            let raw = self.backend.get(&state_key).await?;
+            let (verdict, new) = match self.strategy {
+                Strategy::Gcra => {
+                    let tat = raw.as_deref().and_then(|r| math::decode_gcra(p, r));
+                    let (verdict, tat) = math::gcra(p, tat, now, cost);
+                    (verdict, math::encode_gcra(p, tat))
+                }
+                _ => {
+                    let state = raw.as_deref().and_then(|r| math::decode_bucket(p, r));
+                    let (verdict, (level, last)) = math::token_bucket(p, state, now, cost);
+                    (verdict, math::encode_bucket(p, level, last))
+                }
+            };
+            if !verdict.allowed {
+                return Ok((self.decision(prepared, verdict), None));
+            }
+            // The state is worth keeping only until the bucket is full again.
+            let ttl = state_ttl(verdict.reset_after_ms);
+            if self
+                .backend
+                .compare_and_swap(&state_key, raw.as_deref(), &new, TtlPolicy::Set(ttl))
+                .await?
+            {
+                let receipt = if self.strategy == Strategy::Gcra {
+                    Receipt::Gcra {
+                        key: state_key,
+                        cost,
+                        prepared: *prepared,
+                    }
+                } else {
+                    Receipt::Bucket {
+                        key: state_key,
+                        cost,
+                        prepared: *prepared,
+                    }
+                };
+                return Ok((self.decision(prepared, verdict), Some(receipt)));
+            }
+            tokio::task::yield_now().await;
+        }
+        Err(RateLimitError::Contention {
+            attempts: self.cas_attempts,
+        })
+    }
+
+    /// Gives back what a consuming check took: exact for counters; for buckets the cost is
+    /// returned (capped at the burst).
+    async fn refund(&self, receipt: Receipt) -> Result<(), RateLimitError> {
+        match receipt {
+            Receipt::Counter { key, cost, ttl } => {
+                self.backend.incr(&key, -cost, Some(ttl)).await?;
+                Ok(())
+            }
+            Receipt::Gcra {
+                key,
+                cost,
+                prepared,
+            }
+            | Receipt::Bucket {
+                key,
+                cost,
+                prepared,
+            } => {
+                let p = &prepared.params;
+                let now = prepared.now_ms;
+                for _ in 0..self.cas_attempts {
+                    let Some(raw) = self.backend.get(&key).await? else {
+                        return Ok(()); // expired: already back to full
+                    };
+                    let refunded = if self.strategy == Strategy::Gcra {
+                        math::decode_gcra(p, &raw).map(|tat| {
+                            let (tat, ttl_ms) = math::gcra_refund(p, tat, now, cost);
+                            (math::encode_gcra(p, tat), ttl_ms)
+                        })
+                    } else {
+                        math::decode_bucket(p, &raw).map(|state| {
+                            let ((level, last), ttl_ms) = math::bucket_refund(p, state, now, cost);
+                            (math::encode_bucket(p, level, last), ttl_ms)
+                        })
+                    };
+                    let Some((new, ttl_ms)) = refunded else {
+                        return Ok(()); // not our state any more
+                    };
+                    let ttl = TtlPolicy::Set(state_ttl(ttl_ms));
+                    if self
+                        .backend
+                        .compare_and_swap(&key, Some(&raw), &new, ttl)
+                        .await?
+                    {
+                        return Ok(());
+                    }
+                    tokio::task::yield_now().await;
+                }
+                Err(RateLimitError::Contention {
+                    attempts: self.cas_attempts,
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Limiter for RateLimiter {
+    async fn check(&self, key: &[u8], cost: u64) -> Result<Decision, RateLimitError> {
+        RateLimiter::check(self, key, cost).await
+    }
+
+    async fn peek(&self, key: &[u8]) -> Result<Decision, RateLimitError> {
+        RateLimiter::peek(self, key).await
+    }
+}
+
+/// A bucket state's TTL: until it is full again, at least 1 ms, and never over the longest
+/// TTL (only reachable when injected clocks disagree by years).
+fn state_ttl(full_after_ms: u64) -> Duration {
+    Duration::from_millis(full_after_ms.clamp(1, TTL_MAX_MS))
+}
+
+fn validate_name(name: &str) -> Result<(), RateLimitError> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > NAME_BYTES_MAX {
+        Some("it is longer than 64 bytes")
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        Some("only ASCII letters, digits, '-', '_' and '.' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(RateLimitError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Embedded;
+
+    fn limiter(strategy: Strategy, quota: Quota, clock: &ManualClock) -> RateLimiter {
+        RateLimiter::new(Arc::new(Embedded::memory()), "t", strategy, quota)
+            .unwrap()
+            .with_clock(Arc::new(clock.clone()))
+    }
+
+    #[test]
+    fn names_are_validated() {
+        let b: Arc<dyn Backend> = Arc::new(Embedded::memory());
+        for bad in ["", "a:b", "sp ace", &"x".repeat(65)] {
+            assert!(matches!(
+                RateLimiter::new(Arc::clone(&b), bad, Strategy::Gcra, Quota::per_second(1)),
+                Err(RateLimitError::InvalidName { .. })
+            ));
+        }
+        RateLimiter::new(b, "api-v1.login_x", Strategy::Gcra, Quota::per_second(1)).unwrap();
+    }
+
+    #[test]
+    fn quotas_are_validated() {
+        let ok = |q: Quota| q.params().is_ok();
+        assert!(ok(Quota::per_second(1)));
+        assert!(!ok(Quota::per_second(0)));
+        assert!(!ok(Quota::per_second(QUOTA_LIMIT_MAX + 1)));
+        assert!(!ok(Quota::new(1, Duration::ZERO)));
+        assert!(!ok(Quota::new(1, PERIOD_MAX + Duration::from_millis(1))));
+        assert!(!ok(Quota::per_second(1).with_burst(0)));
+        assert!(
+            !ok(Quota::per_day(1).with_burst(1_000_000)),
+            "a 2700-year refill"
+        );
+        assert_eq!(
+            Quota::new(1, Duration::from_micros(1500))
+                .params()
+                .unwrap()
+                .period_ms,
+            2
+        );
+    }
+
+    #[test]
+    fn header_seconds_round_up() {
+        let d = Decision {
+            allowed: false,
+            limit: 1,
+            remaining: 0,
+            reset_after: Duration::from_millis(1001),
+            retry_after: Some(Duration::from_millis(1)),
+            quota: Quota::per_second(1),
+        };
+        assert_eq!(d.reset_after_secs(), 2);
+        assert_eq!(d.retry_after_secs(), Some(1));
+    }
+
+    #[tokio::test]
+    async fn window_keys_include_period_and_window() {
+        let clock = ManualClock::new(10_000);
+        let l = limiter(Strategy::FixedWindow, Quota::per_second(5), &clock);
+        l.check("k:1", 2).await.unwrap();
+        assert_eq!(
+            l.backend.get(b"rl:t:fw:1000:10:k:1").await.unwrap(),
+            Some(b"2".to_vec())
+        );
+    }
+
+    #[tokio::test]
+    async fn reset_forgets_usage() {
+        let clock = ManualClock::new(3_600_000 * 100);
+        for strategy in [
+            Strategy::FixedWindow,
+            Strategy::SlidingWindow,
+            Strategy::TokenBucket,
+            Strategy::Gcra,
+        ] {
+            let l = limiter(strategy, Quota::per_hour(3), &clock);
+            assert!(l.check("k", 3).await.unwrap().allowed);
+            assert!(!l.check("k", 1).await.unwrap().allowed);
+            l.reset("k").await.unwrap();
+            assert_eq!(l.peek("k").await.unwrap().remaining, 3, "{strategy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn foreign_state_is_overwritten() {
+        let clock = ManualClock::new(1_000_000);
+        let l = limiter(Strategy::Gcra, Quota::per_second(2), &clock);
+        l.backend.set(b"rl:t:gcra:k", b"junk", None).await.unwrap();
+        let d = l.check("k", 1).await.unwrap();
+        assert!(d.allowed);
+        assert_eq!(d.remaining, 1);
+    }
+}
