@@ -643,12 +643,19 @@ fn demo_runs_twice_in_a_row() {
     assert!(text.contains("refused (worker-a holds it)"), "{text}");
     assert!(text.contains("error: value is not an integer"), "{text}");
     assert!(text.contains("stats:"), "{text}");
+    assert!(text.contains("fencing token 1"), "{text}");
+    assert!(text.contains("fencing token 2 (strictly larger)"), "{text}");
+    assert!(text.contains("stale token 1 -> rejected"), "{text}");
+    assert!(text.contains("allow allow allow allow allow deny deny"), "{text}");
 
     let second = keel(&dir, ["demo"]);
     assert_code(&second, 0);
     let text = second.stdout();
-    assert!(text.contains("reset: deleted 4 key(s)"), "{text}");
+    assert!(!text.contains("reset: deleted 0 key(s)"), "{text}");
     assert!(text.contains("recovery replayed"), "{text}");
+    // The fencing counter survives the tour's reset: tokens are never handed out twice.
+    assert!(text.contains("fencing token 3"), "{text}");
+    assert!(text.contains("fencing token 4 (strictly larger)"), "{text}");
 }
 
 #[test]

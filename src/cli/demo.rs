@@ -1,13 +1,17 @@
-//! `keel demo`: a narrated tour of what the embedded engine does, meant as the first command a
+//! `keel demo`: a narrated tour of what the embedded engine and the primitives on it do, meant as the first command a
 //! newcomer runs. It works on real data in the store directory, under the `demo:` prefix only,
 //! and starts by deleting whatever an earlier run left there, so it can run any number of
 //! times. Each step prints the call it makes and what came back.
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use keel_engine::{Batch, Db, ScanCursor, Ttl, TtlPolicy};
+use keel_primitives::lock::{Fence, Lock};
+use keel_primitives::ratelimit::{Quota, RateLimiter, Strategy};
+use keel_primitives::{Backend, Embedded, Namespaced};
 
 use super::commands::{SCAN_PAGE_KEYS, open_or_create, ttl_number};
 use super::escape::escape_bytes;
@@ -166,6 +170,8 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> CmdResult {
         show(db.get("demo:greeting"))
     )?;
 
+    primitives(&db, out)?;
+
     let stats = db.stats();
     writeln!(
         out,
@@ -181,6 +187,103 @@ pub fn run(dir: &Path, out: &mut dyn Write) -> CmdResult {
     Ok(())
 }
 
+/// The service primitives on the same store, through the `Backend` contract: a lock with
+/// fencing tokens and a GCRA rate limiter. Everything lives under [`DEMO_PREFIX`].
+fn primitives(db: &Db, out: &mut dyn Write) -> CmdResult {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Error(format!("cannot start an async runtime: {e}")))?;
+    runtime.block_on(async {
+        let backend: Arc<dyn Backend> = Arc::new(Namespaced::new(
+            Arc::new(Embedded::new(db.clone())),
+            DEMO_PREFIX,
+        ));
+        let failed = |what: &str, e: &dyn std::fmt::Display| Failure::Error(format!("{what}: {e}"));
+
+        let lock = Lock::new(Arc::clone(&backend));
+        let ttl = Duration::from_secs(30);
+        let first = lock
+            .try_acquire("report", ttl)
+            .await
+            .map_err(|e| failed("lock", &e))?
+            .ok_or_else(|| Failure::Error("the demo lock was unexpectedly held".into()))?;
+        writeln!(
+            out,
+            "lock report (30s) -> held, fencing token {}",
+            first.fencing_token()
+        )?;
+        let second = lock
+            .try_acquire("report", ttl)
+            .await
+            .map_err(|e| failed("lock", &e))?;
+        writeln!(
+            out,
+            "lock report again -> {}",
+            verdict(second.is_some(), "held (wrong!)", "refused: already held")
+        )?;
+        let old_token = first.fencing_token();
+        let released = first.release().await.map_err(|e| failed("release", &e))?;
+        writeln!(
+            out,
+            "release -> {}",
+            verdict(released, "released", "not ours any more")
+        )?;
+        let next = lock
+            .try_acquire("report", ttl)
+            .await
+            .map_err(|e| failed("lock", &e))?
+            .ok_or_else(|| Failure::Error("the demo lock was not free after release".into()))?;
+        writeln!(
+            out,
+            "lock report -> held, fencing token {} (strictly larger)",
+            next.fencing_token()
+        )?;
+        let fence = Fence::new(Arc::clone(&backend));
+        let now = fence
+            .check_and_record("ledger", next.fencing_token())
+            .await
+            .map_err(|e| failed("fence", &e))?;
+        let stale = fence
+            .check_and_record("ledger", old_token)
+            .await
+            .map_err(|e| failed("fence", &e))?;
+        writeln!(
+            out,
+            "fence ledger: token {} -> {}, stale token {old_token} -> {}",
+            next.fencing_token(),
+            verdict(now.is_accepted(), "accepted", "rejected"),
+            verdict(stale.is_accepted(), "accepted (wrong!)", "rejected")
+        )?;
+        next.release().await.map_err(|e| failed("release", &e))?;
+
+        let limiter = RateLimiter::new(
+            Arc::clone(&backend),
+            "api",
+            Strategy::Gcra,
+            Quota::per_second(5),
+        )
+        .map_err(|e| failed("rate limiter", &e))?;
+        let mut verdicts = Vec::new();
+        let mut retry = None;
+        for _ in 0..7 {
+            let d = limiter
+                .check("user:1", 1)
+                .await
+                .map_err(|e| failed("rate limit", &e))?;
+            verdicts.push(if d.allowed { "allow" } else { "deny" });
+            retry = retry.or(d.retry_after);
+        }
+        writeln!(
+            out,
+            "rate limit user:1 (GCRA, 5/s), 7 requests -> {}; retry after {} ms",
+            verdicts.join(" "),
+            retry.map_or(0, |r| r.as_millis())
+        )?;
+        Ok(())
+    })
+}
+
 /// Deletes every key under [`DEMO_PREFIX`]; returns how many there were.
 fn reset(db: &Db) -> Result<usize, Failure> {
     let mut cursor: Option<ScanCursor> = None;
@@ -189,15 +292,25 @@ fn reset(db: &Db) -> Result<usize, Failure> {
         let page = db.scan(DEMO_PREFIX, cursor.as_ref(), SCAN_PAGE_KEYS, false);
         let mut batch = Batch::new();
         for entry in &page.entries {
-            batch.delete(entry.key.as_slice());
+            // Fencing counters survive the reset: a token is never handed out twice, not even
+            // across runs of the tour.
+            if !is_fencing_state(&entry.key) {
+                batch.delete(entry.key.as_slice());
+            }
         }
+        removed += batch.len();
         db.write_batch(&batch)?;
-        removed += page.entries.len();
         match page.next {
             Some(next) => cursor = Some(next),
             None => return Ok(removed),
         }
     }
+}
+
+/// True for the lock's fencing counter and the fence's highest-token record.
+fn is_fencing_state(key: &[u8]) -> bool {
+    let rest = &key[DEMO_PREFIX.len().min(key.len())..];
+    rest.starts_with(b"lock-fence:") || rest.starts_with(b"fence:")
 }
 
 /// A value for the narration: quoted text, or escaped bytes, or `(missing)`.
