@@ -253,7 +253,7 @@ pub enum Outcome {
 #[must_use = "a write is acknowledged only once its Pending is waited on"]
 pub struct Pending<T> {
     value: Option<T>,
-    wait: Option<(Arc<WalShared>, u64, Durability)>,
+    wait: Option<(crate::sync::Arc<WalShared>, u64, Durability)>,
 }
 
 impl<T> Pending<T> {
@@ -1176,7 +1176,7 @@ impl Db {
         match (lsn, &self.core().wal) {
             (Some(lsn), Some(wal)) if self.durability != Durability::Buffered => Pending {
                 value: Some(value),
-                wait: Some((Arc::clone(wal.shared()), lsn, self.durability)),
+                wait: Some((crate::sync::Arc::clone(wal.shared()), lsn, self.durability)),
             },
             _ => Pending::ready(value),
         }

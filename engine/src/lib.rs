@@ -31,6 +31,7 @@ mod options;
 pub mod record;
 pub mod snapshot;
 pub mod storage;
+mod sync;
 mod wal;
 
 pub use clock::{Clock, ManualClock, SystemClock};
