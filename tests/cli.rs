@@ -646,7 +646,10 @@ fn demo_runs_twice_in_a_row() {
     assert!(text.contains("fencing token 1"), "{text}");
     assert!(text.contains("fencing token 2 (strictly larger)"), "{text}");
     assert!(text.contains("stale token 1 -> rejected"), "{text}");
-    assert!(text.contains("allow allow allow allow allow deny deny"), "{text}");
+    assert!(
+        text.contains("allow allow allow allow allow deny deny"),
+        "{text}"
+    );
 
     let second = keel(&dir, ["demo"]);
     assert_code(&second, 0);

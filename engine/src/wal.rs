@@ -765,7 +765,10 @@ mod loom_tests {
                     })
                 })
                 .collect();
-            let mut lsns: Vec<u64> = handles.into_iter().map(|h| h.join().expect("join")).collect();
+            let mut lsns: Vec<u64> = handles
+                .into_iter()
+                .map(|h| h.join().expect("join"))
+                .collect();
             lsns.sort_unstable();
             assert_eq!(lsns, vec![1, 2]);
             wal.shutdown().expect("clean shutdown");
@@ -787,7 +790,9 @@ mod loom_tests {
                 let a = shared
                     .append(0, &[Entry::Delete { key: b"a" }], Durability::Buffered)
                     .expect("append");
-                shared.wait(a, Durability::Buffered).expect("buffered returns at once");
+                shared
+                    .wait(a, Durability::Buffered)
+                    .expect("buffered returns at once");
                 let b = shared
                     .append(0, &[Entry::Delete { key: b"b" }], Durability::Immediate)
                     .expect("append");
@@ -810,7 +815,11 @@ mod loom_tests {
                     let shared = Arc::clone(wal.shared());
                     loom::thread::spawn(move || {
                         let key = [i];
-                        match shared.append(0, &[Entry::Delete { key: &key }], Durability::Immediate) {
+                        match shared.append(
+                            0,
+                            &[Entry::Delete { key: &key }],
+                            Durability::Immediate,
+                        ) {
                             Ok(lsn) => {
                                 let r = shared.wait(lsn, Durability::Immediate);
                                 assert!(matches!(r, Err(Error::Poisoned(_))), "{r:?}");
