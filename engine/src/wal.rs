@@ -233,6 +233,9 @@ pub(crate) struct WalShared {
     durable_lsn: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
+    /// `Some(interval)` for `Durability::Periodic`: the background fdatasync period.
+    periodic: Option<Duration>,
+    io: Mutex<Io>,
     wal_bytes: AtomicU64,
     appended_bytes: AtomicU64,
     active_first_lsn: AtomicU64,
@@ -252,6 +255,9 @@ struct Queue {
 #[derive(Default)]
 struct SyncState {
     wakers: Vec<Waker>,
+    /// A thread holds `io` and is running a group commit; it clears this and notifies
+    /// `synced` when done, under this mutex.
+    leading: bool,
 }
 
 /// Where the WAL writer starts after recovery.
@@ -282,8 +288,9 @@ pub(crate) struct Wal {
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
-struct Writer {
-    shared: Arc<WalShared>,
+/// The WAL file and what only the current leader may touch. Behind `WalShared::io`: whoever
+/// holds that mutex is the leader of the next group commit.
+struct Io {
     storage: std::sync::Arc<dyn Storage>,
     dir: PathBuf,
     file: Box<dyn WritableFile>,
@@ -329,26 +336,27 @@ impl Wal {
             durable_lsn: AtomicU64::new(last),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
+            periodic,
+            io: Mutex::new(Io {
+                storage,
+                dir,
+                file,
+                file_bytes,
+                segment_bytes,
+                periodic,
+                unsynced: false,
+                last_sync: Instant::now(),
+                spare: Vec::with_capacity(64 * 1024),
+                roll_requested: false,
+            }),
             wal_bytes: AtomicU64::new(wal_bytes),
             appended_bytes: AtomicU64::new(0),
             active_first_lsn: AtomicU64::new(active_first_lsn),
             segments: AtomicU64::new(segments),
             fsyncs: AtomicU64::new(0),
         });
-        let writer = Writer {
-            shared: Arc::clone(&shared),
-            storage,
-            dir,
-            file,
-            file_bytes,
-            segment_bytes,
-            periodic,
-            unsynced: false,
-            last_sync: Instant::now(),
-            spare: Vec::with_capacity(64 * 1024),
-            roll_requested: false,
-        };
-        let handle = sync::spawn("keel-wal-writer", move || writer.run())?;
+        let background = Arc::clone(&shared);
+        let handle = sync::spawn("keel-wal-writer", move || background.run_background())?;
         Ok(Wal {
             shared,
             writer: Mutex::new(Some(handle)),
@@ -438,17 +446,38 @@ impl WalShared {
     }
 
     /// Blocks until record `lsn` has reached `durability`.
+    ///
+    /// If no group commit is running, the calling thread runs one itself (it becomes the
+    /// leader: one `write`, one `fdatasync` for everything queued): a lone writer then pays
+    /// for its fdatasync and nothing else, with no hand-off to the writer thread and back.
+    /// Otherwise it sleeps until the running commit publishes, and tries again.
     pub(crate) fn wait(&self, lsn: u64, durability: Durability) -> Result<()> {
-        if self.reached(lsn, durability) {
-            return Ok(());
-        }
-        let mut state = self.sync.lock();
         loop {
             if self.reached(lsn, durability) {
                 return Ok(());
             }
             self.check_poison()?;
-            self.synced.wait(&mut state);
+            let mut io = match self.io.try_lock() {
+                Some(io) => io,
+                None => {
+                    let mut state = self.sync.lock();
+                    if self.reached(lsn, durability) {
+                        return Ok(());
+                    }
+                    self.check_poison()?;
+                    if state.leading {
+                        // The leader clears `leading` and notifies under this mutex.
+                        self.synced.wait(&mut state);
+                        continue;
+                    }
+                    drop(state);
+                    // Whoever holds `io` is about to lead or just finished: queue behind it.
+                    self.io.lock()
+                }
+            };
+            if !self.reached(lsn, durability) {
+                self.lead(&mut io);
+            }
         }
     }
 
@@ -468,13 +497,18 @@ impl WalShared {
         Ok(false)
     }
 
-    fn publish(&self, written: u64, durable: Option<u64>) {
+    /// Ends a group commit: publishes what it made written / durable (if anything), clears
+    /// `leading`, and wakes every waiter.
+    fn end_lead(&self, published: Option<(u64, Option<u64>)>) {
         let wakers = {
             let mut state = self.sync.lock();
-            self.written_lsn.store(written, Ordering::Release);
-            if let Some(d) = durable {
-                self.durable_lsn.store(d, Ordering::Release);
+            if let Some((written, durable)) = published {
+                self.written_lsn.store(written, Ordering::Release);
+                if let Some(d) = durable {
+                    self.durable_lsn.store(d, Ordering::Release);
+                }
             }
+            state.leading = false;
             std::mem::take(&mut state.wakers)
         };
         self.synced.notify_all();
@@ -551,100 +585,126 @@ impl WalShared {
     }
 }
 
-impl Writer {
-    fn run(mut self) {
+impl WalShared {
+    /// The WAL writer thread: runs a group commit whenever there is work and no waiting
+    /// writer took it (async callers never lead; the periodic fdatasync and shutdown happen
+    /// here).
+    fn run_background(&self) {
         loop {
-            let (batch_last, first, needs_sync, shutdown) = {
-                let mut q = self.shared.queue.lock();
+            {
+                let mut q = self.queue.lock();
                 // Sleep until there is work: records, a sync request, shutdown, or (Periodic)
                 // the background fdatasync falling due.
                 while q.buf.is_empty() && !q.needs_sync && !q.shutdown {
-                    match self.periodic {
-                        Some(interval) if self.unsynced => {
-                            let left = interval.saturating_sub(self.last_sync.elapsed());
-                            if left.is_zero() {
-                                break;
-                            }
-                            self.shared.doorbell.wait_for(&mut q, left);
-                        }
-                        _ => self.shared.doorbell.wait(&mut q),
+                    let Some(interval) = self.periodic else {
+                        self.doorbell.wait(&mut q);
+                        continue;
+                    };
+                    // Periodic: wake at least once per interval, so data a waiting writer
+                    // wrote (without fdatasync) is synced within about one interval. `io` is
+                    // only tried here: it is never waited for while holding the queue.
+                    let left = self.io.try_lock().and_then(|io| {
+                        io.unsynced
+                            .then(|| interval.saturating_sub(io.last_sync.elapsed()))
+                    });
+                    match left {
+                        Some(left) if left.is_zero() => break,
+                        Some(left) => self.doorbell.wait_for(&mut q, left),
+                        None => self.doorbell.wait_for(&mut q, interval),
                     }
                 }
-                std::mem::swap(&mut q.buf, &mut self.spare);
-                let needs_sync = std::mem::take(&mut q.needs_sync);
-                self.roll_requested |= std::mem::take(&mut q.roll);
-                (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
+            }
+            let shutdown = {
+                let mut io = self.io.lock();
+                self.lead(&mut io)
             };
-            self.shared.queue_space.notify_all();
-            if self.shared.is_poisoned() {
-                // Nothing more reaches the disk; waiters were woken with the poison.
-                self.spare.clear();
-                if shutdown {
-                    return;
-                }
-                continue;
-            }
-            let has_records = !self.spare.is_empty();
-            if has_records {
-                if let Err((what, e)) = self.write_batch(first) {
-                    self.shared.poison(what, &e);
-                    self.spare.clear();
-                    continue;
-                }
-                self.spare.clear();
-                self.unsynced = true;
-            }
-            let periodic_due = self
-                .periodic
-                .is_some_and(|iv| self.unsynced && self.last_sync.elapsed() >= iv);
-            let mut durable = None;
-            if self.unsynced && (needs_sync || periodic_due || shutdown) {
-                self.shared.fsyncs.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = self.file.sync_data() {
-                    // Never retry an fsync and acknowledge: the kernel may have dropped the
-                    // dirty pages (fsyncgate). Poison and make every waiter fail.
-                    self.shared.poison("fdatasync of the WAL failed", &e);
-                    continue;
-                }
-                self.unsynced = false;
-                self.last_sync = Instant::now();
-                durable = Some(batch_last);
-            } else if !self.unsynced {
-                durable = Some(batch_last);
-            }
-            if has_records || durable.is_some() {
-                self.shared.publish(batch_last, durable);
-            }
-            if shutdown {
-                let q = self.shared.queue.lock();
-                if q.buf.is_empty() {
-                    return;
-                }
+            if shutdown && self.queue.lock().buf.is_empty() {
+                return;
             }
         }
     }
 
+    /// One group commit, by the holder of `io`: takes everything queued, writes it with one
+    /// `write`, fdatasyncs once if any record asked for `Immediate` (or the periodic interval
+    /// elapsed, or the store is closing), and publishes. Returns whether shutdown was asked.
+    fn lead(&self, io: &mut Io) -> bool {
+        self.sync.lock().leading = true;
+        let (batch_last, first, needs_sync, shutdown) = {
+            let mut q = self.queue.lock();
+            std::mem::swap(&mut q.buf, &mut io.spare);
+            let needs_sync = std::mem::take(&mut q.needs_sync);
+            io.roll_requested |= std::mem::take(&mut q.roll);
+            (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
+        };
+        self.queue_space.notify_all();
+        if self.is_poisoned() {
+            // Nothing more reaches the disk; waiters were woken with the poison.
+            io.spare.clear();
+            self.end_lead(None);
+            return shutdown;
+        }
+        let has_records = !io.spare.is_empty();
+        if has_records {
+            let written = io.write_batch(first, self);
+            io.spare.clear();
+            if let Err((what, e)) = written {
+                self.poison(what, &e);
+                self.end_lead(None);
+                return shutdown;
+            }
+            io.unsynced = true;
+        }
+        let periodic_due = io
+            .periodic
+            .is_some_and(|iv| io.unsynced && io.last_sync.elapsed() >= iv);
+        let mut durable = None;
+        if io.unsynced && (needs_sync || periodic_due || shutdown) {
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = io.file.sync_data() {
+                // Never retry an fsync and acknowledge: the kernel may have dropped the
+                // dirty pages (fsyncgate). Poison and make every waiter fail.
+                self.poison("fdatasync of the WAL failed", &e);
+                self.end_lead(None);
+                return shutdown;
+            }
+            io.unsynced = false;
+            io.last_sync = Instant::now();
+            durable = Some(batch_last);
+        } else if !io.unsynced {
+            durable = Some(batch_last);
+        }
+        self.end_lead(Some((batch_last, durable)));
+        shutdown
+    }
+}
+
+impl Io {
     fn write_batch(
         &mut self,
         first_lsn: u64,
+        shared: &WalShared,
     ) -> std::result::Result<(), (&'static str, std::io::Error)> {
         let has_records = self.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
         if self.file_bytes >= self.segment_bytes || (self.roll_requested && has_records) {
-            self.roll(first_lsn)?;
+            self.roll(first_lsn, shared)?;
         }
         self.roll_requested = false;
         self.file
             .write_all(&self.spare)
             .map_err(|e| ("write to the WAL failed", e))?;
         self.file_bytes += self.spare.len() as u64;
-        self.shared
+        shared
             .wal_bytes
             .fetch_add(self.spare.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
     /// Seals the current segment and starts a new one whose first record is `first_lsn`.
-    fn roll(&mut self, first_lsn: u64) -> std::result::Result<(), (&'static str, std::io::Error)> {
+    fn roll(
+        &mut self,
+        first_lsn: u64,
+        shared: &WalShared,
+    ) -> std::result::Result<(), (&'static str, std::io::Error)> {
         // The sealed segment must be durable before records land in the next one, or recovery
         // could see a later segment after a torn earlier one.
         self.file
@@ -666,13 +726,11 @@ impl Writer {
             .map_err(|e| ("fsync of the store directory failed", e))?;
         self.file = file;
         self.file_bytes = header.len() as u64;
-        self.shared
+        shared
             .wal_bytes
             .fetch_add(header.len() as u64, Ordering::Relaxed);
-        self.shared.segments.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .active_first_lsn
-            .store(first_lsn, Ordering::Release);
+        shared.segments.fetch_add(1, Ordering::Relaxed);
+        shared.active_first_lsn.store(first_lsn, Ordering::Release);
         Ok(())
     }
 }
@@ -777,6 +835,49 @@ mod loom_tests {
             let (first, used) = record::decode_frame(&bytes).expect("first record");
             let (second, _) = record::decode_frame(&bytes[used..]).expect("second record");
             assert_eq!((first.lsn, second.lsn), (1, 2));
+        });
+    }
+
+    /// An async waiter never leads: it registers a waker and relies on the writer thread,
+    /// which the append's doorbell must wake (removing that notification deadlocks here).
+    #[test]
+    fn loom_async_waiter_is_woken_by_the_writer_thread() {
+        struct Durable<'a> {
+            shared: &'a WalShared,
+            lsn: u64,
+        }
+        impl std::future::Future for Durable<'_> {
+            type Output = Result<()>;
+            fn poll(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<()>> {
+                match self
+                    .shared
+                    .poll(self.lsn, Durability::Immediate, cx.waker())
+                {
+                    Ok(true) => std::task::Poll::Ready(Ok(())),
+                    Ok(false) => std::task::Poll::Pending,
+                    Err(e) => std::task::Poll::Ready(Err(e)),
+                }
+            }
+        }
+        loom::model(|| {
+            let (wal, _) = start(false);
+            let shared = Arc::clone(wal.shared());
+            let t = loom::thread::spawn(move || {
+                let lsn = shared
+                    .append(0, &[Entry::Delete { key: b"a" }], Durability::Immediate)
+                    .expect("append");
+                loom::future::block_on(Durable {
+                    shared: &shared,
+                    lsn,
+                })
+                .expect("durable");
+                assert!(shared.durable_lsn.load(Ordering::Acquire) >= lsn);
+            });
+            t.join().expect("join");
+            wal.shutdown().expect("clean shutdown");
         });
     }
 
