@@ -4,7 +4,10 @@
 //! rename, remove) become durable on `sync_dir` of their directory. [`SimDisk::power_loss`]
 //! builds the disk a machine would find after losing power: for each file the unsynced bytes
 //! are dropped, kept, cut to a prefix or cut and followed by garbage (a torn write), chosen by
-//! a seeded generator, and directory operations never followed by `sync_dir` are forgotten.
+//! a seeded generator, and directory operations never followed by `sync_dir` are forgotten
+//! ([`DirLoss::ForgetUnsynced`]) or, in the stricter mode, a prefix of them survives
+//! ([`DirLoss::KeepPrefix`]). A failed `sync_data` either leaves its bytes dirty or loses them
+//! for good ([`FsyncFailure`]). Directories themselves are always durable.
 //!
 //! Two ways to make the engine fail, both deterministic:
 //! - a *crash point*: every mutating call (`create`, `write_all`, `sync_data`, `truncate`,
