@@ -33,6 +33,11 @@ mod imp {
         }
     }
 
+    /// Lets other threads run (a short retry loop).
+    pub(crate) fn yield_now() {
+        std::thread::yield_now();
+    }
+
     /// Starts a named OS thread.
     pub(crate) fn spawn(
         name: &str,
@@ -106,6 +111,11 @@ mod imp {
         pub(crate) fn notify_all(&self) {
             self.0.notify_all();
         }
+    }
+
+    /// Lets other threads run (loom explores the alternatives).
+    pub(crate) fn yield_now() {
+        loom::thread::yield_now();
     }
 
     /// Starts a loom thread.

@@ -233,6 +233,8 @@ pub(crate) struct WalShared {
     durable_lsn: AtomicU64,
     poisoned: AtomicBool,
     poison_reason: Mutex<Option<String>>,
+    /// Threads blocked in `wait`: a lone one leads commits itself.
+    blocking_waiters: AtomicU64,
     /// `Some(interval)` for `Durability::Periodic`: the background fdatasync period.
     periodic: Option<Duration>,
     io: Mutex<Io>,
@@ -336,6 +338,7 @@ impl Wal {
             durable_lsn: AtomicU64::new(last),
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
+            blocking_waiters: AtomicU64::new(0),
             periodic,
             io: Mutex::new(Io {
                 storage,
@@ -447,37 +450,47 @@ impl WalShared {
 
     /// Blocks until record `lsn` has reached `durability`.
     ///
-    /// If no group commit is running, the calling thread runs one itself (it becomes the
-    /// leader: one `write`, one `fdatasync` for everything queued): a lone writer then pays
-    /// for its fdatasync and nothing else, with no hand-off to the writer thread and back.
-    /// Otherwise it sleeps until the running commit publishes, and tries again.
+    /// A lone blocking waiter runs the group commit itself (it becomes the leader: one `write`,
+    /// one `fdatasync` for everything queued), so a single writer pays for its fdatasync and
+    /// nothing else, with no hand-off to the writer thread and back. When several threads wait,
+    /// they leave the commits to the writer thread, which batches everything that arrives while
+    /// an fdatasync runs: letting each waiter lead would commit tiny batches back to back.
     pub(crate) fn wait(&self, lsn: u64, durability: Durability) -> Result<()> {
+        if self.reached(lsn, durability) {
+            return Ok(());
+        }
+        let alone = self.blocking_waiters.fetch_add(1, Ordering::AcqRel) == 0;
+        let result = self.wait_registered(lsn, durability, alone);
+        self.blocking_waiters.fetch_sub(1, Ordering::AcqRel);
+        result
+    }
+
+    fn wait_registered(&self, lsn: u64, durability: Durability, alone: bool) -> Result<()> {
         loop {
             if self.reached(lsn, durability) {
                 return Ok(());
             }
             self.check_poison()?;
-            let mut io = match self.io.try_lock() {
-                Some(io) => io,
-                None => {
-                    let mut state = self.sync.lock();
-                    if self.reached(lsn, durability) {
-                        return Ok(());
-                    }
-                    self.check_poison()?;
-                    if state.leading {
-                        // The leader clears `leading` and notifies under this mutex.
-                        self.synced.wait(&mut state);
-                        continue;
-                    }
-                    drop(state);
-                    // Whoever holds `io` is about to lead or just finished: queue behind it.
-                    self.io.lock()
+            if alone && let Some(mut io) = self.io.try_lock() {
+                if !self.reached(lsn, durability) {
+                    self.lead(&mut io);
                 }
-            };
-            if !self.reached(lsn, durability) {
-                self.lead(&mut io);
+                continue;
             }
+            // The writer thread (rung by our append) or the running leader will publish our
+            // record; both notify under this mutex after publishing.
+            let mut state = self.sync.lock();
+            if self.reached(lsn, durability) {
+                return Ok(());
+            }
+            self.check_poison()?;
+            if alone && !state.leading {
+                // `io` is held by a commit that is just starting or just ended: try again.
+                drop(state);
+                sync::yield_now();
+                continue;
+            }
+            self.synced.wait(&mut state);
         }
     }
 
