@@ -498,11 +498,16 @@ impl Db {
         let started = Instant::now();
         let index = Index::new(options.shards);
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
-        let now = clock.now_ms();
         let mut memory = 0u64;
         for tmp in snapshot::list_tmp(&*storage, &dir)? {
             // A snapshot interrupted before its rename: never installed, never needed.
             storage.remove(&tmp)?;
+        }
+        for name in storage.list(&dir)? {
+            if name.ends_with(wal::REWRITE_SUFFIX) {
+                // A segment rewrite interrupted before its rename: the original is intact.
+                storage.remove(&join(&dir, &name))?;
+            }
         }
         let snap = snapshot::load_newest(&*storage, &dir, |key, value, expires_at_ms| {
             let entry = Entry::Put {
@@ -510,7 +515,7 @@ impl Db {
                 value,
                 expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
             };
-            memory = apply_replayed(&index, &entry, now, memory);
+            memory = apply_replayed(&index, &entry, memory);
         })?;
         let snapshot_lsn = snap.as_ref().map_or(0, |(h, _)| h.lsn);
         if let Some((h, _)) = &snap {
@@ -518,10 +523,11 @@ impl Db {
         }
         let scan = wal::scan(&*storage, &dir, snapshot_lsn + 1, |_lsn, _time, entries| {
             for entry in entries {
-                memory = apply_replayed(&index, entry, now, memory);
+                memory = apply_replayed(&index, entry, memory);
             }
         })?;
         clock.raise_floor(scan.max_time_ms);
+        let memory = purge_expired(&index, clock.now_ms(), memory);
         let mut bytes_truncated = 0;
         let mut segments = wal::list_segments(&*storage, &dir)?;
         if let Some(torn) = &scan.torn_tail {
@@ -538,6 +544,9 @@ impl Db {
             }
         }
         let next_lsn = scan.last_lsn + 1;
+        if let Some((_, path)) = segments.last() {
+            rewrite_segment(&*storage, path)?;
+        }
         let (file, file_bytes, active_first) = match segments.last() {
             Some((first, path)) => (storage.open_append(path)?, storage.len(path)?, *first),
             None => {
@@ -552,6 +561,10 @@ impl Db {
                 (file, header.len() as u64, next_lsn)
             }
         };
+        // fsync the directory: the segment this store appends to may have been created (or
+        // rewritten) by an earlier open whose directory fsync never happened or failed; its
+        // name must be durable before any write in it is acknowledged.
+        storage.sync_dir(&dir)?;
         let mut wal_bytes = 0;
         for (_, path) in &segments {
             wal_bytes += storage.len(path)?;
@@ -1374,8 +1387,48 @@ fn outcome_bool(o: Outcome) -> bool {
     }
 }
 
+/// Rewrites the segment at `path` from what a read of it returns, through a temporary file
+/// (fdatasync, rename over, and the caller fsyncs the directory).
+///
+/// Why: after a failed fdatasync (which poisons the store), Linux may mark the unwritten pages
+/// clean, so a reopen in the same boot reads records that never reached the disk, and a later
+/// fdatasync of the same file will not write them either. Building on them and acknowledging
+/// new writes would leave a hole after a power loss. Writing the bytes recovery replayed to a
+/// new file makes them durable for real. The cost is one sequential write of the last segment
+/// (at most one segment, 64 MiB by default) per open.
+fn rewrite_segment(storage: &dyn Storage, path: &Path) -> Result<()> {
+    let bytes = storage.read(path)?;
+    if bytes.len() <= record::SEGMENT_HEADER_BYTES {
+        return Ok(());
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".rewrite");
+    let tmp = PathBuf::from(tmp);
+    let mut file = storage.create(&tmp)?;
+    file.write_all(&bytes)?;
+    file.sync_data()?;
+    drop(file);
+    storage.rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Drops every entry expired at `now_ms` after replay; returns the updated memory account.
+fn purge_expired(index: &Index, now_ms: u64, mut memory: u64) -> u64 {
+    for i in 0..index.shard_count() {
+        let mut shard = index.shard(i).write();
+        shard.map.retain(|key, slot| {
+            let live = slot.is_live(now_ms);
+            if !live {
+                memory -= entry_bytes(key.len(), slot.value.len());
+            }
+            live
+        });
+    }
+    memory
+}
+
 /// Applies one replayed WAL entry to the index; returns the updated memory account.
-fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64) -> u64 {
+fn apply_replayed(index: &Index, entry: &Entry<'_>, mut memory: u64) -> u64 {
     let key = entry.key();
     let mut shard = index.shard(index.shard_of(key)).write();
     match *entry {
@@ -1384,14 +1437,15 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, now_ms: u64, mut memory: u64
             expires_at_ms,
             ..
         } => {
+            // Kept even if already expired: a later Expire entry may have extended it (an
+            // Expire is only ever logged for a live key). `purge_expired` drops what is still
+            // expired once the whole log has been replayed.
             let slot = Slot::new(value.into(), expires_at_ms.unwrap_or(0), 0);
             if let Some(old) = shard.map.remove(key) {
                 memory -= entry_bytes(key.len(), old.value.len());
             }
-            if slot.is_live(now_ms) {
-                memory += entry_bytes(key.len(), slot.value.len());
-                shard.map.insert(key.into(), slot);
-            }
+            memory += entry_bytes(key.len(), slot.value.len());
+            shard.map.insert(key.into(), slot);
         }
         Entry::Delete { .. } => {
             if let Some(old) = shard.map.remove(key) {

@@ -30,6 +30,8 @@ pub(crate) const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 const SEGMENT_PREFIX: &str = "wal-";
 const SEGMENT_SUFFIX: &str = ".log";
+/// Suffix of a segment's rewrite in progress (see `Db::open`); never parsed as a segment.
+pub(crate) const REWRITE_SUFFIX: &str = ".log.rewrite";
 
 /// The file name of the segment whose first record has `first_lsn`.
 pub(crate) fn segment_name(first_lsn: u64) -> String {
@@ -125,6 +127,20 @@ pub(crate) fn scan(
             }
             Err(DecodeError::Truncated { .. }) => {
                 return Err(Error::corruption(path, 0, "segment header is incomplete"));
+            }
+            // A header is fdatasynced before any record is written after it, so a last segment
+            // no longer than a header whose header is damaged holds no record: its name reached
+            // the disk but its header did not (zeros, or a torn write). Not corruption.
+            Err(DecodeError::Invalid(_))
+                if is_last && bytes.len() <= record::SEGMENT_HEADER_BYTES =>
+            {
+                out.torn_tail = Some(TornTail {
+                    file: path.clone(),
+                    valid_len: 0,
+                    torn_bytes: bytes.len() as u64,
+                    header_torn: true,
+                });
+                break;
             }
             Err(DecodeError::Invalid(why)) => return Err(Error::corruption(path, 0, why)),
         };
