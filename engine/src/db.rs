@@ -477,7 +477,12 @@ impl Db {
         if !options.create_if_missing && !is_store(&*storage, &dir) {
             return Err(Error::NotAStore { path: dir });
         }
+        let existed = storage.list(&dir).is_ok();
         storage.create_dir_all(&dir)?;
+        if !existed && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            // fsync the parent so a brand-new store directory survives power loss.
+            storage.sync_dir(parent)?;
+        }
         let lock_path = join(&dir, LOCK_FILE);
         let deadline = Instant::now() + options.lock_wait;
         let lock = loop {
