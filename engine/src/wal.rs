@@ -24,6 +24,10 @@ use crate::record::{self, DecodeError, Entry};
 use crate::storage::{Storage, WritableFile, join};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, Condvar, JoinHandle, Mutex, Ordering};
 
+/// The longest the writer thread holds a commit back while writers woken by the previous one
+/// are still re-appending: well under one fdatasync on SSDs (~100 µs and more).
+const COMMIT_DELAY_MAX: Duration = Duration::from_micros(50);
+
 /// Bytes the append queue may hold before appenders wait for the writer: bounds memory when
 /// the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
 pub(crate) const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -251,6 +255,9 @@ pub(crate) struct WalShared {
     poison_reason: Mutex<Option<String>>,
     /// Threads blocked in `wait`: a lone one leads commits itself.
     blocking_waiters: AtomicU64,
+    /// Records in the last group commit: the writer thread waits briefly for the next batch
+    /// to grow back towards it (see `run_background`).
+    last_batch_records: AtomicU64,
     /// `Some(interval)` for `Durability::Periodic`: the background fdatasync period.
     periodic: Option<Duration>,
     io: Mutex<Io>,
@@ -263,6 +270,8 @@ pub(crate) struct WalShared {
 
 struct Queue {
     buf: Vec<u8>,
+    /// Records in `buf`.
+    records: u64,
     next_lsn: u64,
     first_lsn_in_buf: u64,
     needs_sync: bool,
@@ -340,6 +349,7 @@ impl Wal {
         let shared = Arc::new(WalShared {
             queue: Mutex::new(Queue {
                 buf: Vec::with_capacity(64 * 1024),
+                records: 0,
                 next_lsn,
                 first_lsn_in_buf: next_lsn,
                 needs_sync: false,
@@ -355,6 +365,7 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(None),
             blocking_waiters: AtomicU64::new(0),
+            last_batch_records: AtomicU64::new(0),
             periodic,
             io: Mutex::new(Io {
                 storage,
@@ -442,6 +453,7 @@ impl WalShared {
                 q.first_lsn_in_buf = lsn;
             }
             let before = q.buf.len();
+            q.records += 1;
             record::encode_record(&mut q.buf, lsn, time_ms, entries);
             self.appended_bytes
                 .fetch_add((q.buf.len() - before) as u64, Ordering::Relaxed);
@@ -642,6 +654,7 @@ impl WalShared {
                         None => self.doorbell.wait_for(&mut q, interval),
                     }
                 }
+                self.gather(&mut q);
             }
             let shutdown = {
                 let mut io = self.io.lock();
@@ -653,6 +666,34 @@ impl WalShared {
         }
     }
 
+    /// Commit delay, adaptive. Under a steady load of N concurrent writers, commits would
+    /// otherwise settle into alternating halves: while one batch's fdatasync runs, the writers
+    /// acknowledged by the previous commit queue the next batch, which the writer thread takes
+    /// the instant the fdatasync ends, before the writers just woken have re-appended; each
+    /// writer then waits two fdatasyncs per write. So when the last commit carried several
+    /// records, wait (woken by every append) until the queue holds the last batch plus what was
+    /// already queued, or `COMMIT_DELAY_MAX` passes. A lone writer (last batch of one record)
+    /// never waits, nor does a sync request with nothing queued (snapshot) or shutdown.
+    fn gather(&self, q: &mut sync::MutexGuard<'_, Queue>) {
+        // loom has no time: a timed wait there is an untimed one, which could wait forever.
+        if cfg!(loom) || q.records == 0 || q.shutdown {
+            return;
+        }
+        let last = self.last_batch_records.load(Ordering::Relaxed);
+        if last < 2 {
+            return;
+        }
+        let target = last + q.records;
+        let deadline = Instant::now() + COMMIT_DELAY_MAX;
+        while q.records < target && !q.shutdown {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            self.doorbell.wait_for(q, left);
+        }
+    }
+
     /// One group commit, by the holder of `io`: takes everything queued, writes it with one
     /// `write`, fdatasyncs once if any record asked for `Immediate` (or the periodic interval
     /// elapsed, or the store is closing), and publishes. Returns whether shutdown was asked.
@@ -661,6 +702,8 @@ impl WalShared {
         let (batch_last, first, needs_sync, shutdown) = {
             let mut q = self.queue.lock();
             std::mem::swap(&mut q.buf, &mut io.spare);
+            let records = std::mem::take(&mut q.records);
+            self.last_batch_records.store(records, Ordering::Relaxed);
             let needs_sync = std::mem::take(&mut q.needs_sync);
             io.roll_requested |= std::mem::take(&mut q.roll);
             (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
