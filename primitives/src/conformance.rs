@@ -6,10 +6,16 @@
 //! server without interfering with other data. Cases sleep only to let a real TTL elapse (a
 //! server's clock cannot be driven by a manual clock); those TTLs are short.
 //!
-//! ```ignore
+//! ```no_run
+//! # #[tokio::main]
+//! # async fn main() {
+//! use std::sync::Arc;
+//!
+//! let backend = Arc::new(keel_primitives::Embedded::memory());
 //! let report = keel_primitives::conformance::run(backend).await;
-//! report.print();
+//! println!("{}", report.render());
 //! assert!(report.passed());
+//! # }
 //! ```
 
 use std::future::Future;
