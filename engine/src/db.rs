@@ -514,12 +514,18 @@ impl Db {
                 storage.remove(&join(&dir, &name))?;
             }
         }
+        // The earliest expiry replayed: if it has passed by the end of replay, expired entries
+        // must be dropped (one pass over the index); otherwise that pass is skipped.
+        let mut earliest_expiry = u64::MAX;
         let snap = snapshot::load_newest(&*storage, &dir, |key, value, expires_at_ms| {
             let entry = Entry::Put {
                 key,
                 value,
                 expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
             };
+            if expires_at_ms != 0 {
+                earliest_expiry = earliest_expiry.min(expires_at_ms);
+            }
             memory = apply_replayed(&index, &entry, memory);
         })?;
         let snapshot_lsn = snap.as_ref().map_or(0, |(h, _)| h.lsn);
@@ -528,11 +534,25 @@ impl Db {
         }
         let scan = wal::scan(&*storage, &dir, snapshot_lsn + 1, |_lsn, _time, entries| {
             for entry in entries {
+                if let Entry::Put {
+                    expires_at_ms: Some(at),
+                    ..
+                }
+                | Entry::Expire {
+                    expires_at_ms: Some(at),
+                    ..
+                } = entry
+                {
+                    earliest_expiry = earliest_expiry.min(*at);
+                }
                 memory = apply_replayed(&index, entry, memory);
             }
         })?;
         clock.raise_floor(scan.max_time_ms);
-        let memory = purge_expired(&index, clock.now_ms(), memory);
+        let now = clock.now_ms();
+        if earliest_expiry <= now {
+            memory = purge_expired(&index, now, memory);
+        }
         let mut bytes_truncated = 0;
         let mut segments = wal::list_segments(&*storage, &dir)?;
         if let Some(torn) = &scan.torn_tail {
