@@ -81,6 +81,12 @@ impl MonotonicClock {
     /// Now, in milliseconds, never less than any value returned before.
     pub(crate) fn now_ms(&self) -> u64 {
         let now = self.inner.now_ms();
+        // Most reads fall in a millisecond already seen: a plain load then, so concurrent
+        // readers do not bounce the floor's cache line with a read-modify-write each.
+        let floor = self.floor_ms.load(Ordering::Acquire);
+        if now <= floor {
+            return floor;
+        }
         let prev = self.floor_ms.fetch_max(now, Ordering::AcqRel);
         prev.max(now)
     }
