@@ -1,0 +1,397 @@
+//! The fencing-token lock on every backend.
+
+use super::*;
+
+pub(super) fn cases() -> Vec<Case> {
+    vec![
+        case!(lock_mutual_exclusion_under_contention),
+        case!(lock_expiry_lets_the_next_holder_in),
+        case!(lock_stale_holder_cannot_release_or_extend),
+        case!(lock_fencing_tokens_increase_across_holders_and_expiry),
+        case!(lock_fence_check_rejects_a_late_write),
+        case!(lock_auto_renew_keeps_the_lease_and_reports_loss),
+        case!(lock_with_lock_releases_on_success_error_and_cancel),
+        case!(lock_acquire_waits_with_a_bound),
+    ]
+}
+
+// ----- lock -----------------------------------------------------------------------------------
+//
+// The lock and rate-limit cases run the primitives on the backend under test, inside the case's
+// own prefix (through `Namespaced`), so they check that the contract is enough to build them.
+
+use crate::lock::{Fence, FenceCheck, Lock, LockError, LockOptions, OWNER_TOKEN_BYTES, Renewal};
+
+async fn lock_mutual_exclusion_under_contention(c: Ctx) {
+    const LOCK_TASKS: usize = 16;
+    const ROUNDS: usize = 8;
+    let options = LockOptions::default()
+        .wait(Duration::from_secs(60))
+        .retry_backoff(ms(1), ms(20));
+    let lock = Lock::with_options(confined(&c), options);
+    let holders = Arc::new(AtomicU64::new(0));
+    let tokens = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut handles = Vec::new();
+    for _ in 0..LOCK_TASKS {
+        let (lock, holders, tokens) = (lock.clone(), Arc::clone(&holders), Arc::clone(&tokens));
+        handles.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let lease = lock
+                    .acquire("shared", Duration::from_secs(30))
+                    .await
+                    .unwrap();
+                let before = holders.fetch_add(1, Ordering::SeqCst);
+                assert_eq!(before, 0, "two holders inside the critical section at once");
+                tokens.lock().unwrap().push(lease.fencing_token());
+                tokio::task::yield_now().await;
+                holders.fetch_sub(1, Ordering::SeqCst);
+                assert!(lease.release().await.unwrap(), "a live lease releases");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let tokens = tokens.lock().unwrap().clone();
+    assert_eq!(tokens.len(), LOCK_TASKS * ROUNDS);
+    assert!(
+        tokens.windows(2).all(|w| w[0] < w[1]),
+        "fencing tokens must increase in holding order: {tokens:?}"
+    );
+}
+
+async fn lock_expiry_lets_the_next_holder_in(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::new(Arc::clone(&b));
+    let ttl = ms(200);
+    let first = lock
+        .try_acquire("job", ttl)
+        .await
+        .unwrap()
+        .expect("a free lock");
+    assert!(!first.is_lost());
+    assert!(first.remaining() <= ttl);
+    assert!(
+        lock.try_acquire("job", ttl).await.unwrap().is_none(),
+        "held until the TTL passes"
+    );
+    let_expire(ttl).await;
+    assert!(first.is_lost(), "the local deadline passed too");
+    let second = lock
+        .try_acquire("job", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("an expired lock is free");
+    assert!(second.fencing_token() > first.fencing_token());
+    assert!(second.release().await.unwrap());
+}
+
+async fn lock_stale_holder_cannot_release_or_extend(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::new(Arc::clone(&b));
+    let stale = lock.try_acquire("job", ms(200)).await.unwrap().unwrap();
+    let_expire(ms(200)).await;
+    let current = lock
+        .try_acquire("job", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    match stale.extend(Duration::from_secs(30)).await {
+        Err(LockError::Lost { .. }) => {}
+        other => panic!("extending an expired lease must fail with Lost, got {other:?}"),
+    }
+    assert!(
+        !stale.release().await.unwrap(),
+        "releasing a lost lease reports false"
+    );
+    let stored = b
+        .get(b"lock:job")
+        .await
+        .unwrap()
+        .expect("the new holder's key survives");
+    assert_eq!(stored[..OWNER_TOKEN_BYTES], current.owner_token());
+    assert_eq!(
+        stored[OWNER_TOKEN_BYTES..],
+        current.fencing_token().to_le_bytes()
+    );
+    match b.ttl(b"lock:job").await.unwrap() {
+        Ttl::Remaining(d) => assert!(d > Duration::from_secs(20), "TTL disturbed: {d:?}"),
+        other => panic!("the new holder's TTL is gone: {other:?}"),
+    }
+    current.extend(Duration::from_secs(60)).await.unwrap();
+    assert!(current.remaining() > Duration::from_secs(50));
+    match b.ttl(b"lock:job").await.unwrap() {
+        Ttl::Remaining(d) => assert!(d > Duration::from_secs(50), "extend did not extend: {d:?}"),
+        other => panic!("extend lost the TTL: {other:?}"),
+    }
+    assert!(current.release().await.unwrap());
+    assert_eq!(b.get(b"lock:job").await.unwrap(), None);
+    // Expired with nobody else holding it: extend still fails, and says so.
+    let lapsed = lock.try_acquire("alone", ms(200)).await.unwrap().unwrap();
+    let_expire(ms(200)).await;
+    assert!(matches!(
+        lapsed.extend(Duration::from_secs(30)).await,
+        Err(LockError::Lost { .. })
+    ));
+    assert!(lapsed.is_lost());
+    assert!(!lapsed.release().await.unwrap());
+}
+
+async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
+    let b = confined(&c);
+    // Two "nodes" sharing the backend.
+    let nodes = [Lock::new(Arc::clone(&b)), Lock::new(Arc::clone(&b))];
+    let mut last = 0;
+    for i in 0..6 {
+        let lease = nodes[i % 2]
+            .try_acquire("fenced", ms(200))
+            .await
+            .unwrap()
+            .expect("free");
+        assert!(
+            lease.fencing_token() > last,
+            "token {} after {last}",
+            lease.fencing_token()
+        );
+        last = lease.fencing_token();
+        if i % 3 == 0 {
+            let_expire(ms(200)).await; // this holder loses it by expiry
+            assert!(!lease.release().await.unwrap());
+        } else {
+            assert!(lease.release().await.unwrap());
+        }
+    }
+    assert_eq!(
+        b.ttl(b"lock-fence:fenced").await.unwrap(),
+        Ttl::NoExpiry,
+        "the fencing counter must never expire"
+    );
+    let other = nodes[0]
+        .try_acquire("another", ms(200))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        other.fencing_token(),
+        1,
+        "each lock name has its own sequence"
+    );
+}
+
+async fn lock_fence_check_rejects_a_late_write(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::new(Arc::clone(&b));
+    let fence = Fence::new(Arc::clone(&b));
+    let stale = lock
+        .try_acquire("ledger-lock", ms(200))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        fence
+            .check_and_record("ledger", stale.fencing_token())
+            .await
+            .unwrap(),
+        FenceCheck::Accepted
+    );
+    let_expire(ms(200)).await;
+    let current = lock
+        .try_acquire("ledger-lock", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        fence
+            .check_and_record("ledger", current.fencing_token())
+            .await
+            .unwrap()
+            .is_accepted()
+    );
+    // The stalled first holder wakes up and tries to write: refused.
+    assert_eq!(
+        fence
+            .check_and_record("ledger", stale.fencing_token())
+            .await
+            .unwrap(),
+        FenceCheck::Rejected {
+            highest: current.fencing_token()
+        }
+    );
+    assert!(
+        fence
+            .check_and_record("ledger", current.fencing_token())
+            .await
+            .unwrap()
+            .is_accepted(),
+        "the current holder may write again"
+    );
+    assert_eq!(
+        fence.highest("ledger").await.unwrap(),
+        Some(current.fencing_token())
+    );
+    assert_eq!(fence.highest("untouched").await.unwrap(), None);
+    // Concurrent writers with tokens 1..=16: the record ends at the highest, and a writer is
+    // rejected only in favour of a higher token.
+    let mut handles = Vec::new();
+    for token in 1..=16u64 {
+        let fence = fence.clone();
+        handles.push(tokio::spawn(async move {
+            (token, fence.check_and_record("race", token).await.unwrap())
+        }));
+    }
+    for h in handles {
+        let (token, check) = h.await.unwrap();
+        if let FenceCheck::Rejected { highest } = check {
+            assert!(highest > token, "token {token} rejected by {highest}");
+        }
+    }
+    assert_eq!(fence.highest("race").await.unwrap(), Some(16));
+}
+
+async fn lock_auto_renew_keeps_the_lease_and_reports_loss(c: Ctx) {
+    let b = confined(&c);
+    let renewing = Lock::with_options(
+        Arc::clone(&b),
+        LockOptions::default().renewal(Renewal::Auto),
+    );
+    let other = Lock::new(Arc::clone(&b));
+    let lease = renewing
+        .try_acquire("renewed", ms(300))
+        .await
+        .unwrap()
+        .unwrap();
+    // Several TTLs of real time: only the renewals keep it.
+    tokio::time::sleep(ms(1000)).await;
+    assert!(!lease.is_lost(), "auto-renew let the lease lapse");
+    assert!(
+        other
+            .try_acquire("renewed", ms(300))
+            .await
+            .unwrap()
+            .is_none(),
+        "still held"
+    );
+    // The key disappears behind the holder's back (an operator, a failover) and someone else
+    // takes the lock: the next renewal finds out and reports the loss.
+    assert!(b.delete(b"lock:renewed").await.unwrap());
+    let thief = other
+        .try_acquire("renewed", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), lease.lost())
+        .await
+        .expect("the loss was not reported");
+    assert!(lease.is_lost());
+    assert!(lease.watch().is_lost());
+    assert!(matches!(
+        lease.extend(ms(300)).await,
+        Err(LockError::Lost { .. })
+    ));
+    assert!(!lease.release().await.unwrap());
+    let stored = b
+        .get(b"lock:renewed")
+        .await
+        .unwrap()
+        .expect("the new holder keeps the lock");
+    assert_eq!(stored[..OWNER_TOKEN_BYTES], thief.owner_token());
+    assert!(thief.release().await.unwrap());
+}
+
+async fn lock_with_lock_releases_on_success_error_and_cancel(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::new(Arc::clone(&b));
+    let ttl = Duration::from_secs(30);
+    let seen = {
+        let b = Arc::clone(&b);
+        lock.with_lock("scoped", ttl, |lease| async move {
+            assert!(!lease.is_lost());
+            assert!(
+                b.get(b"lock:scoped").await.unwrap().is_some(),
+                "held while running"
+            );
+            lease.fencing_token()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(seen, 1);
+    assert_eq!(
+        b.get(b"lock:scoped").await.unwrap(),
+        None,
+        "released after success"
+    );
+
+    let failed: Result<(), &str> = lock
+        .with_lock("scoped", ttl, |_| async { Err("boom") })
+        .await
+        .unwrap();
+    assert_eq!(failed, Err("boom"));
+    assert_eq!(
+        b.get(b"lock:scoped").await.unwrap(),
+        None,
+        "released after an error"
+    );
+
+    // Release on panic is the same release; `lock`'s unit tests cover it without printing a
+    // panic into this matrix.
+
+    // Dropped while the body runs: the lease's drop releases it in the background.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let mut running = Box::pin(lock.with_lock("scoped", ttl, move |_| async move {
+        let _ = started_tx.send(());
+        std::future::pending::<()>().await
+    }));
+    tokio::select! {
+        _ = &mut running => panic!("the body never finishes"),
+        started = started_rx => started.unwrap(),
+    }
+    drop(running);
+    let next = lock
+        .acquire_within("scoped", ttl, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        next.fencing_token(),
+        4,
+        "tokens 1-3 went to the three scoped runs"
+    );
+    assert!(next.release().await.unwrap());
+}
+
+async fn lock_acquire_waits_with_a_bound(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::with_options(
+        Arc::clone(&b),
+        LockOptions::default().retry_backoff(ms(5), ms(50)),
+    );
+    let ttl = Duration::from_secs(30);
+    let held = lock.try_acquire("busy", ttl).await.unwrap().unwrap();
+    match lock.acquire_within("busy", ttl, ms(300)).await {
+        Err(LockError::Timeout { waited, .. }) => {
+            assert!(waited >= ms(300), "gave up early: {waited:?}")
+        }
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    let (waiting_tx, waiting_rx) = tokio::sync::oneshot::channel();
+    let waiter = {
+        let lock = lock.clone();
+        tokio::spawn(async move {
+            let _ = waiting_tx.send(());
+            let lease = lock
+                .acquire_within("busy", ttl, Duration::from_secs(30))
+                .await
+                .unwrap();
+            let token = lease.fencing_token();
+            assert!(lease.release().await.unwrap());
+            token
+        })
+    };
+    waiting_rx.await.unwrap();
+    let held_token = held.fencing_token();
+    assert!(held.release().await.unwrap());
+    assert!(
+        waiter.await.unwrap() > held_token,
+        "the waiter got in after the release"
+    );
+}
