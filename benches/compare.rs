@@ -1487,7 +1487,7 @@ async fn run(config: Config, workers: usize) -> Result<(), String> {
         "- keel: Db::open(dir, Options::default().durability(..)) behind Embedded; memory-only is Db::memory"
     );
     println!(
-        "- sled adapter: SledOptions::default() (flush_every_write: true); own API: update_and_fetch + flush() per op"
+        "- sled adapter: SledOptions::default() (flush_every_write: true); own API: update_and_fetch + flush() per op; a sled flush is sync_file_range, not fsync: process-crash safe, not power-loss durable"
     );
     println!(
         "- redb adapter: RedbBackend::open (a durable write transaction per op); own API: a write transaction per op, default durability"

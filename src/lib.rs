@@ -46,18 +46,19 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         {
             (s.to_ascii_lowercase(), rest)
         }
-        _ => return Ok(Arc::new(Embedded::open(Path::new(url))?)),
+        _ => return open_blocking(url.to_owned(), |path| embedded(&path)).await,
     };
     match scheme.as_str() {
         "memory" => Ok(Arc::new(Embedded::memory())),
-        "file" => Ok(Arc::new(Embedded::open(Path::new(
-            rest.trim_start_matches("//"),
-        ))?)),
+        "file" => {
+            let path = rest.trim_start_matches("//").to_owned();
+            open_blocking(path, |path| embedded(&path)).await
+        }
         "redis" | "rediss" => redis(url).await,
         "valkey" | "valkeys" => valkey(url).await,
         "postgres" | "postgresql" => postgres(url).await,
-        "sled" => sled(rest),
-        "redb" => redb(rest),
+        "sled" => open_blocking(rest.to_owned(), |path| sled(&path)).await,
+        "redb" => open_blocking(rest.to_owned(), |path| redb(&path)).await,
         other => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
@@ -66,6 +67,32 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             ),
         )),
     }
+}
+
+/// Opens an on-disk store on the runtime's blocking pool: opening may run recovery (replay a
+/// log, check a file), which must not stall an async worker thread. Outside a runtime it
+/// runs inline.
+async fn open_blocking(
+    path: String,
+    open: fn(String) -> Result<Arc<dyn Backend>>,
+) -> Result<Arc<dyn Backend>> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => runtime
+            .spawn_blocking(move || open(path))
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::Transient,
+                    "opening the store was interrupted (the runtime is shutting down)",
+                )
+                .with_source(e)
+            })?,
+        Err(_) => open(path),
+    }
+}
+
+fn embedded(path: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Arc::new(Embedded::open(Path::new(path))?))
 }
 
 #[allow(dead_code)]

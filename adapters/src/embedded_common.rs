@@ -529,8 +529,9 @@ fn sweep_loop<S: Store>(
     }
 }
 
-impl Drop for Sweeper {
-    fn drop(&mut self) {
+impl Sweeper {
+    /// Stops the thread and waits for it (at most the tick it is in).
+    fn stop(&mut self) {
         self.signal.lock().stop = true;
         self.signal.changed.notify_all();
         if let Some(thread) = self.thread.take() {
@@ -540,7 +541,21 @@ impl Drop for Sweeper {
     }
 }
 
+impl Drop for Sweeper {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            outside_the_runtime(|| self.stop());
+        }
+    }
+}
+
 /// A [`Store`] with its clock, its sweeper and the async operations of the contract.
+///
+/// Dropping it stops the sweeper and waits for every storage call still running on the
+/// blocking pool (a call whose caller gave up keeps running there until it is done), so when
+/// the drop returns the store is closed and can be reopened at once. The wait is at most one
+/// storage call; on a multi-threaded Tokio runtime it runs in `block_in_place`, so the
+/// runtime's other tasks move to another worker meanwhile.
 pub(crate) struct Core<S: Store> {
     // Held for its `Drop`, which stops the thread; declared first so that happens before the
     // store can be dropped.
@@ -548,6 +563,71 @@ pub(crate) struct Core<S: Store> {
     pub(crate) sweeper: Sweeper,
     pub(crate) store: Arc<S>,
     clock: Arc<TrustedClock>,
+    in_flight: Arc<InFlight>,
+    /// A cancel point for tests: storage calls wait here before they start.
+    #[cfg(test)]
+    pub(crate) hold: Mutex<Option<Arc<std::sync::Barrier>>>,
+}
+
+/// Storage calls running on the blocking pool.
+#[derive(Default)]
+struct InFlight {
+    calls: Mutex<usize>,
+    idle: Condvar,
+}
+
+/// Counts one call for as long as it lives.
+struct CallGuard(Arc<InFlight>);
+
+impl CallGuard {
+    fn new(in_flight: &Arc<InFlight>) -> CallGuard {
+        *in_flight
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        CallGuard(Arc::clone(in_flight))
+    }
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut calls = self.0.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        *calls -= 1;
+        if *calls == 0 {
+            self.0.idle.notify_all();
+        }
+    }
+}
+
+impl<S: Store> Drop for Core<S> {
+    fn drop(&mut self) {
+        let in_flight = Arc::clone(&self.in_flight);
+        let sweeper = &mut self.sweeper;
+        outside_the_runtime(move || {
+            sweeper.stop();
+            let calls = in_flight
+                .calls
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            drop(
+                in_flight
+                    .idle
+                    .wait_while(calls, |n| *n > 0)
+                    .unwrap_or_else(PoisonError::into_inner),
+            );
+        });
+    }
+}
+
+/// Runs a short blocking wait without stalling a Tokio worker: inside a multi-threaded
+/// runtime through `block_in_place` (its tasks move to other workers), elsewhere directly.
+fn outside_the_runtime(wait: impl FnOnce()) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
 }
 
 impl<S: Store> fmt::Debug for Core<S> {
@@ -616,6 +696,9 @@ impl<S: Store> Core<S> {
             sweeper,
             store,
             clock,
+            in_flight: Arc::default(),
+            #[cfg(test)]
+            hold: Mutex::new(None),
         })
     }
 
@@ -631,7 +714,25 @@ impl<S: Store> Core<S> {
     ) -> Result<T> {
         let store = Arc::clone(&self.store);
         let clock = Arc::clone(&self.clock);
-        let job = move || call(&store, &clock);
+        let guard = CallGuard::new(&self.in_flight);
+        #[cfg(test)]
+        let hold = self
+            .hold
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let job = move || {
+            #[cfg(test)]
+            if let Some(barrier) = hold {
+                barrier.wait();
+            }
+            let result = call(&store, &clock);
+            // The store's last references go before the call stops counting, so a drop
+            // waiting for idle finds the store closable.
+            drop((store, clock));
+            drop(guard);
+            result
+        };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => runtime.spawn_blocking(job).await.map_err(join_error)?,
             Err(_) => job(),
@@ -1157,6 +1258,44 @@ pub(crate) mod tests {
         assert_eq!(core.get(b"k").await.expect("get"), Some(b"v".to_vec()));
     }
 
+    /// A call whose caller gave up while it ran on the blocking pool does not keep the store
+    /// open after the backend is dropped: the drop waits for it, so a reopen right after
+    /// succeeds. The call is held at a cancel point inside the blocking job; it is released
+    /// once the drop has had the chance to return early (which it must not).
+    pub(crate) async fn cancelled_call_then_drop_releases_the_store<S: Store>(
+        open: impl Fn() -> Result<Core<S>>,
+    ) {
+        let core = Arc::new(open().expect("open"));
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        *core.hold.lock().unwrap() = Some(Arc::clone(&barrier));
+        let caller = Arc::clone(&core);
+        let task = tokio::spawn(async move { caller.set(b"k", b"v", None).await });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while *core.in_flight.calls.lock().unwrap() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the call never started"
+            );
+            tokio::task::yield_now().await;
+        }
+        task.abort();
+        assert!(task.await.is_err(), "the caller was cancelled");
+        *core.hold.lock().unwrap() = None;
+        let core = Arc::into_inner(core).expect("the cancelled caller let go of the backend");
+        let (reopened_tx, reopened_rx) = std::sync::mpsc::channel::<()>();
+        let releaser = std::thread::spawn(move || {
+            // A drop that waits never lets the reopen happen first: release after a bound.
+            let _ = reopened_rx.recv_timeout(Duration::from_millis(300));
+            barrier.wait();
+        });
+        drop(core);
+        let reopened = open();
+        let _ = reopened_tx.send(());
+        releaser.join().unwrap();
+        let core = reopened.expect("reopen right after the drop");
+        assert_eq!(core.get(b"k").await.expect("get"), Some(b"v".to_vec()));
+    }
+
     /// A second open of an open store is [`ErrorKind::Locked`].
     pub(crate) fn opening_twice_is_locked<S: Store>(open: impl Fn() -> Result<Core<S>>) {
         let _first = open().expect("first open");
@@ -1194,6 +1333,13 @@ pub(crate) mod tests {
             fn opening_an_open_store_is_locked() {
                 let dir = tempfile::tempdir().expect("tempdir");
                 shared::opening_twice_is_locked(|| open(dir.path(), ExpiryOptions::default()));
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn cancelled_call_then_drop_releases_the_store() {
+                let dir = tempfile::tempdir().expect("tempdir");
+                let open_in_dir = || open(dir.path(), ExpiryOptions::default());
+                shared::cancelled_call_then_drop_releases_the_store(open_in_dir).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,12 +6,16 @@
 
 #[cfg(any(feature = "sled", feature = "redb"))]
 mod embedded_common;
+#[cfg(all(test, any(feature = "redis", feature = "postgres")))]
+mod fault_proxy;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 #[cfg(feature = "redb")]
 pub mod redb;
 #[cfg(feature = "redis")]
 pub mod redis;
+#[cfg(all(test, feature = "redis"))]
+mod scratch;
 #[cfg(feature = "sled")]
 pub mod sled;
 #[cfg(feature = "valkey")]

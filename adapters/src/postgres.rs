@@ -41,12 +41,14 @@
 //! Connections are unencrypted: a URL that requires TLS is refused.
 
 use std::error::Error as _;
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
+    RecyclingMethod, Runtime, StatementCache,
 };
 use keel_primitives::backend::{
     KEY_BYTES_MAX, VALUE_BYTES_MAX, check_key, check_value, not_an_integer, overflow, ttl_ms,
@@ -73,6 +75,16 @@ pub const SWEEP_BATCH_DEFAULT: u32 = 1_000;
 pub const SWEEP_BATCH_MAX: u32 = 100_000;
 /// Per-operation time limit by default.
 pub const OP_TIMEOUT_DEFAULT: Duration = Duration::from_secs(5);
+
+/// Idle time before the first TCP keepalive probe.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+
+/// The server-side `statement_timeout` and `lock_timeout` for an operation time limit:
+/// three quarters of it (at least 1 ms), so the server ends a stuck statement before the
+/// client's deadline and reports it as a timeout itself.
+fn server_timeout(op_timeout: Duration) -> Duration {
+    (op_timeout * 3 / 4).max(Duration::from_millis(1))
+}
 
 /// PostgreSQL's identifier limit (NAMEDATALEN - 1); longer names are silently truncated.
 const IDENTIFIER_BYTES_MAX: usize = 63;
@@ -443,12 +455,29 @@ struct Shared {
     options: PostgresOptions,
     /// `host:port/database as user`, for messages (never the password).
     target: String,
+    /// Server process ids of the pooled connections.
+    pids: Arc<Pids>,
+    /// Server processes to terminate before the next statement (see `try_query`).
+    doomed: Arc<tokio::sync::Mutex<Vec<i32>>>,
+    doomed_count: AtomicUsize,
+    /// `server_version_num`, once connect has read it.
+    server_version: AtomicI32,
+    /// Sweeps that failed, and the last failure's message.
+    sweep_failures: AtomicU64,
+    sweep_last_error: Mutex<Option<String>>,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 impl Shared {
     /// Runs one statement (prepared once per connection) within `limit`.
+    ///
+    /// A connection whose statement did not finish normally (past `limit`, or the caller
+    /// dropped the future) is never reused: it is closed and its server process is
+    /// *doomed*. Doomed processes are terminated (`pg_terminate_backend`) before any later
+    /// statement of this backend runs, and, past `limit`, before this call returns. So an
+    /// operation that failed or was cancelled has either taken effect already or never
+    /// will: even bytes a network still holds arrive at a process that no longer exists.
     async fn try_query(
         &self,
         sql: &str,
@@ -461,17 +490,96 @@ impl Shared {
             Ok(Err(e)) => return Err(Failure::Pool(e)),
             Err(_) => return Err(Failure::Timeout),
         };
+        let mut in_flight = InFlight::new(client, self);
         let outcome = tokio::time::timeout_at(deadline, async {
+            self.terminate_doomed(in_flight.client()).await?;
+            let client = in_flight.client();
             let statement = client.prepare_cached(sql).await?;
             client.query(&statement, params).await
         })
         .await;
         match outcome {
-            Ok(result) => result.map_err(Failure::Pg),
+            Ok(Ok(rows)) => {
+                in_flight.finish();
+                Ok(rows)
+            }
+            Ok(Err(e)) => {
+                if must_reconnect(&e) {
+                    in_flight.discard();
+                } else {
+                    in_flight.finish();
+                }
+                Err(Failure::Pg(e))
+            }
             Err(_) => {
-                abandon(client, limit);
+                // Doom the connection, then end its process now, so the statement is over
+                // before the caller hears about the timeout.
+                in_flight.doom();
+                self.settle().await;
                 Err(Failure::Timeout)
             }
+        }
+    }
+
+    /// Terminates every doomed server process, on `client`, before anything else runs there.
+    /// Operations arriving meanwhile wait for it: none may be acknowledged before the doomed
+    /// statements are over.
+    async fn terminate_doomed(&self, client: &Object) -> Result<(), tokio_postgres::Error> {
+        if self.doomed_count.load(Ordering::SeqCst) == 0 {
+            return Ok(());
+        }
+        let mut doomed = self.doomed.lock().await;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        // PostgreSQL 14 and later wait (up to the given milliseconds) until the process has
+        // exited; older servers only signal it.
+        let sql = if self.server_version.load(Ordering::Relaxed) >= 140_000 {
+            "SELECT pg_terminate_backend(p, 1000) FROM unnest($1::integer[]) AS p"
+        } else {
+            "SELECT pg_terminate_backend(p) FROM unnest($1::integer[]) AS p"
+        };
+        client.query(sql, &[&*doomed]).await?;
+        doomed.clear();
+        self.doomed_count.store(0, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Terminates the doomed processes on a fresh connection, bounded by the operation time
+    /// limit. If the server cannot be reached they stay doomed, and the next operation
+    /// terminates them before its own statement.
+    async fn settle(&self) {
+        let limit = self.options.op_timeout;
+        let _ = tokio::time::timeout(limit, async {
+            if let Ok(client) = self.pool.get().await
+                && self.terminate_doomed(&client).await.is_err()
+            {
+                drop(Object::take(client));
+            }
+        })
+        .await;
+    }
+
+    /// Remembers that `client`'s server process must be terminated before anything else is
+    /// acknowledged.
+    fn doom(&self, client: &ClientWrapper) {
+        match self.pids.of(client) {
+            Some(pid) => {
+                // Counted first, so a caller that sees 0 cannot miss a pid being added.
+                self.doomed_count.fetch_add(1, Ordering::SeqCst);
+                match self.doomed.try_lock() {
+                    Ok(mut doomed) => doomed.push(pid),
+                    Err(_) => {
+                        let doomed = Arc::clone(&self.doomed);
+                        tokio::spawn(async move { doomed.lock().await.push(pid) });
+                    }
+                }
+            }
+            None => tracing::warn!(
+                target: "keel::postgres",
+                "a connection with a statement in flight was closed without knowing its \
+                 server process; the statement ends at the server's statement_timeout"
+            ),
         }
     }
 
@@ -519,8 +627,9 @@ impl Shared {
             Failure::Timeout => Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "postgres {op} did not finish within {} ms; whether it took effect is \
-                     unknown (raise op_timeout if the server is just slow)",
+                    "postgres {op} did not finish within {} ms; it may or may not have taken \
+                     effect, but it will not take effect after this error (raise op_timeout \
+                     if the server is just slow)",
                     self.options.op_timeout.as_millis()
                 ),
             ),
@@ -560,18 +669,92 @@ impl Shared {
     }
 }
 
-/// Closes a connection whose statement overran its time limit, first asking the server to
-/// cancel the statement (so it does not keep running, or holding locks, on its own). The
-/// connection is taken out of the pool rather than returned: a cancel request that arrives
-/// late would otherwise hit whichever statement runs there next.
-fn abandon(client: Object, limit: Duration) {
-    let token = client.cancel_token();
-    drop(Object::take(client));
-    tokio::spawn(async move {
-        // Best effort: if the cancel cannot be delivered, the server ends the statement
-        // when it notices the closed connection.
-        let _ = tokio::time::timeout(limit, token.cancel_query(NoTls)).await;
-    });
+/// The server process id of each pooled connection (learned when the pool opens it), so a
+/// connection abandoned mid-statement can be terminated from another one. Keyed by the
+/// connection's statement cache, which lives exactly as long as the connection.
+#[derive(Default)]
+struct Pids(std::sync::Mutex<Vec<(Weak<StatementCache>, i32)>>);
+
+impl Pids {
+    fn insert(&self, client: &ClientWrapper, pid: i32) {
+        let mut pids = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        pids.retain(|(cache, _)| cache.strong_count() > 0);
+        pids.push((Arc::downgrade(&client.statement_cache), pid));
+    }
+
+    fn of(&self, client: &ClientWrapper) -> Option<i32> {
+        let pids = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = Arc::downgrade(&client.statement_cache);
+        pids.iter()
+            .find(|(cache, _)| cache.ptr_eq(&key))
+            .map(|(_, pid)| *pid)
+    }
+}
+
+/// A pooled connection with a statement possibly in flight. Dropped while still holding it
+/// (the caller dropped the operation's future), it dooms the connection: taken out of the
+/// pool, closed, and its server process terminated before any later statement runs. A busy
+/// connection is never handed to another operation.
+struct InFlight<'a> {
+    client: Option<Object>,
+    shared: &'a Shared,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(client: Object, shared: &'a Shared) -> InFlight<'a> {
+        InFlight {
+            client: Some(client),
+            shared,
+        }
+    }
+
+    fn client(&self) -> &Object {
+        // Present until finish, discard or doom consume it, and none of them runs while the
+        // statement future borrows it.
+        self.client
+            .as_ref()
+            .expect("the connection is held until the statement is over")
+    }
+
+    /// The statement finished: the connection goes back to the pool.
+    fn finish(&mut self) {
+        self.client = None;
+    }
+
+    /// The statement finished, but the connection must not be reused (failover, shutdown):
+    /// it is closed, so the pool opens a fresh one.
+    fn discard(&mut self) {
+        if let Some(client) = self.client.take() {
+            drop(Object::take(client));
+        }
+    }
+
+    /// The statement may still be running: close the connection and doom its process.
+    fn doom(&mut self) {
+        if let Some(client) = self.client.take() {
+            let client = Object::take(client);
+            self.shared.doom(&client);
+            drop(client);
+        }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.doom();
+    }
+}
+
+/// Errors after which the connection must not be reused: the server is shutting down or
+/// starting (`57P01`-`57P03`), or it is a read-only standby (`25006`: a failover demoted it,
+/// and a new connection through the same address reaches the new primary), or the connection
+/// itself is gone.
+fn must_reconnect(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(
+            e.code().map(SqlState::code),
+            Some("57P01" | "57P02" | "57P03" | "25006")
+        )
 }
 
 /// What went wrong, beyond the client's one-line summary (which the error's source shows):
@@ -732,6 +915,19 @@ impl PostgresBackend {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.op_timeout);
         }
+        // The server gives up on a statement before the client does, so an operation that
+        // times out has normally been ended by the server already (see `Shared::try_query`
+        // for the rest), and a write can never wait for a row lock long after its caller left.
+        let server_ms = server_timeout(options.op_timeout).as_millis();
+        let session = format!("-c statement_timeout={server_ms} -c lock_timeout={server_ms}");
+        let session = match config.get_options() {
+            Some(existing) if !existing.is_empty() => format!("{existing} {session}"),
+            _ => session,
+        };
+        config.options(&session);
+        // Keepalive probes find a connection that a NAT or load balancer dropped silently.
+        config.keepalives(true);
+        config.keepalives_idle(KEEPALIVE_IDLE);
         if config.get_application_name().is_none() {
             config.application_name("keel");
         }
@@ -743,9 +939,22 @@ impl PostgresBackend {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let pids = Arc::new(Pids::default());
+        let learn = Arc::clone(&pids);
         let pool = Pool::builder(manager)
             .max_size(options.pool_size)
             .runtime(Runtime::Tokio1)
+            .post_create(Hook::async_fn(move |client, _| {
+                let pids = Arc::clone(&learn);
+                Box::pin(async move {
+                    let row = client
+                        .query_one("SELECT pg_backend_pid()", &[])
+                        .await
+                        .map_err(HookError::Backend)?;
+                    pids.insert(client, row.get(0));
+                    Ok(())
+                })
+            }))
             .build()
             .map_err(|e| {
                 Error::new(
@@ -760,6 +969,12 @@ impl PostgresBackend {
             table,
             options,
             target,
+            pids,
+            doomed: Arc::default(),
+            doomed_count: AtomicUsize::new(0),
+            server_version: AtomicI32::new(0),
+            sweep_failures: AtomicU64::new(0),
+            sweep_last_error: Mutex::new(None),
         });
         check_server(&shared).await?;
         let sweeper = tokio::spawn(sweep_forever(
@@ -788,8 +1003,11 @@ impl PostgresBackend {
         };
         // One simple-protocol message with several statements runs as one transaction, so the
         // advisory lock is held until the schema is committed.
+        let limit = shared.options.op_timeout.max(SCHEMA_TIMEOUT_MIN);
+        let server_ms = server_timeout(limit).as_millis();
         let ddl = format!(
-            "SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY}); \
+            "SET LOCAL statement_timeout = {server_ms}; SET LOCAL lock_timeout = {server_ms}; \
+             SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY}); \
              CREATE {unlogged}TABLE IF NOT EXISTS {table} (\
                key bytea PRIMARY KEY, value bytea NOT NULL, expires_at timestamptz NULL); \
              CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at) \
@@ -797,7 +1015,6 @@ impl PostgresBackend {
             table = t.quoted,
             index = t.index
         );
-        let limit = shared.options.op_timeout.max(SCHEMA_TIMEOUT_MIN);
         let deadline = Instant::now() + limit;
         let client = match tokio::time::timeout_at(deadline, shared.pool.get()).await {
             Ok(Ok(client)) => client,
@@ -807,7 +1024,10 @@ impl PostgresBackend {
         match tokio::time::timeout_at(deadline, client.batch_execute(&ddl)).await {
             Ok(result) => result.map_err(|e| shared.pg_error("ensure_schema", e))?,
             Err(_) => {
-                abandon(client, limit);
+                let client = Object::take(client);
+                shared.doom(&client);
+                drop(client);
+                shared.settle().await;
                 return Err(shared.error("ensure_schema", Failure::Timeout));
             }
         }
@@ -859,6 +1079,20 @@ impl PostgresBackend {
     /// As for any operation: connection trouble, a timeout, a missing table.
     pub async fn sweep_once(&self) -> Result<u64> {
         self.shared.sweep_once().await
+    }
+
+    /// How many background sweeps have failed since connect, and the last failure's message.
+    /// Each failure is also logged as a `tracing` warning (target `keel::postgres`). Failing
+    /// sweeps do not break the contract (expired rows stay invisible) but let the table grow:
+    /// a role without `DELETE` on the table, for example, shows up here.
+    pub fn sweep_failures(&self) -> (u64, Option<String>) {
+        let last = self
+            .shared
+            .sweep_last_error
+            .lock()
+            .map(|l| l.clone())
+            .unwrap_or(None);
+        (self.shared.sweep_failures.load(Ordering::Relaxed), last)
     }
 
     /// The options this backend was created with.
@@ -955,6 +1189,7 @@ async fn check_server(shared: &Shared) -> Result<()> {
         Some(row) => shared.column("connect", row, 0)?,
         None => 0,
     };
+    shared.server_version.store(version, Ordering::Relaxed);
     if version < SERVER_VERSION_MIN {
         return Err(Error::new(
             ErrorKind::Permanent,
@@ -978,11 +1213,25 @@ async fn sweep_forever(shared: Weak<Shared>, interval: Duration, batch: u64) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        // An error (server down, table not created yet) ends this round; the next tick
-        // tries again. There is nobody to report it to: the operations report their own.
-        while let Ok(deleted) = shared.sweep_once().await {
-            if deleted < batch {
-                break;
+        // An error (server down, table not created yet, a role without DELETE) ends this
+        // round and is reported; the next tick tries again.
+        loop {
+            match shared.sweep_once().await {
+                Ok(deleted) if deleted < batch => break,
+                Ok(_) => {}
+                Err(e) => {
+                    shared.sweep_failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        target: "keel::postgres",
+                        table = %shared.table.quoted,
+                        error = %e,
+                        "sweeping expired rows failed; they stay (invisible) until a sweep succeeds"
+                    );
+                    if let Ok(mut last) = shared.sweep_last_error.lock() {
+                        *last = Some(e.to_string());
+                    }
+                    break;
+                }
             }
         }
     }
@@ -1008,9 +1257,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        if key.len() > KEY_BYTES_MAX {
-            return Ok(None); // such a key is never written
-        }
+        check_key(key)?;
         let rows = self
             .shared
             .query("get", &self.shared.sql.get, &[&key])
@@ -1022,9 +1269,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
-        if key.len() > KEY_BYTES_MAX {
-            return Ok(None);
-        }
+        check_key(key)?;
         let shared = &self.shared;
         let rows = shared
             .query("get_with_ttl", &shared.sql.get_with_ttl, &[&key])
@@ -1145,9 +1390,7 @@ impl Backend for PostgresBackend {
     }
 
     async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
-        if key.len() > KEY_BYTES_MAX {
-            return Ok(Ttl::Missing);
-        }
+        check_key(key)?;
         let rows = self
             .shared
             .query("ttl", &self.shared.sql.ttl, &[&key])
@@ -1703,8 +1946,10 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Permanent);
             assert!(err.to_string().contains("ensure_schema"), "{err}");
 
-            // A statement stuck behind a row lock past op_timeout is a Timeout, and the
-            // backend keeps working afterwards.
+            drop(missing);
+            // A statement stuck behind a row lock past op_timeout is a Timeout; it was ended
+            // by the server (lock_timeout), so it never lands, not even after the lock is
+            // released, and the backend keeps working afterwards.
             let b = backend(PostgresOptions {
                 table: table("timeout"),
                 op_timeout: Duration::from_millis(300),
@@ -1727,9 +1972,166 @@ mod tests {
             assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
             tx.rollback().await.unwrap();
             drop(holder);
+            assert_eq!(
+                b.get(b"k").await.unwrap(),
+                Some(b"v".to_vec()),
+                "w never ran"
+            );
             b.set(b"k", b"x", None).await.unwrap();
             assert_eq!(b.get(b"k").await.unwrap(), Some(b"x".to_vec()));
             drop_table(&b).await;
+        }
+
+        /// The issue's reproduction, as a rule: in rounds of "row locked, `set w` times out,
+        /// lock released, `set x` acknowledged", `w` never lands, before or after `x`.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn timed_out_write_never_lands_after_a_later_write() {
+            let b = backend(PostgresOptions {
+                table: table("late_write"),
+                op_timeout: Duration::from_millis(500),
+                pool_size: 2,
+                ..PostgresOptions::default()
+            })
+            .await;
+            let lock = format!(
+                "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
+                b.shared.table.quoted
+            );
+            let key: &[u8] = b"k";
+            for round in 0..6 {
+                b.set(b"k", b"v", None).await.unwrap();
+                let mut holder = raw(&b).await;
+                let tx = holder.transaction().await.unwrap();
+                tx.query(&lock, &[&key]).await.unwrap();
+                let err = b.set(b"k", b"w", None).await.expect_err("locked");
+                assert_eq!(err.kind(), ErrorKind::Timeout, "round {round}: {err}");
+                tx.rollback().await.unwrap();
+                drop(holder);
+                b.set(b"k", b"x", None).await.unwrap();
+                // Any statement of the timed-out call would have been behind the lock, which
+                // is gone: a read through every pooled connection sees its effect if any.
+                for _ in 0..2 {
+                    assert_eq!(
+                        b.get(b"k").await.unwrap(),
+                        Some(b"x".to_vec()),
+                        "round {round}"
+                    );
+                }
+            }
+            drop_table(&b).await;
+        }
+
+        /// A caller that drops the future mid-statement: with a pool of one, the next
+        /// unrelated call still completes promptly (the busy connection is not reused), and
+        /// the dropped write never lands after a later one.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn dropped_call_is_cancelled_and_frees_the_pool() {
+            let b = backend(PostgresOptions {
+                table: table("dropped"),
+                op_timeout: Duration::from_secs(2),
+                pool_size: 1,
+                ..PostgresOptions::default()
+            })
+            .await;
+            b.set(b"k", b"v", None).await.unwrap();
+            // The lock holder uses its own connection, outside the pool of one.
+            let (holder, connection) = tokio_postgres::connect(&url(), NoTls).await.unwrap();
+            tokio::spawn(connection);
+            holder.batch_execute("BEGIN").await.unwrap();
+            let lock = format!(
+                "SELECT 1 FROM {} WHERE key = 'k'::bytea FOR UPDATE",
+                b.shared.table.quoted
+            );
+            holder.batch_execute(&lock).await.unwrap();
+            // The write reaches the server and waits for the row lock; its caller gives up.
+            let dropped = tokio::time::timeout(Duration::from_millis(100), b.set(b"k", b"w", None));
+            assert!(dropped.await.is_err(), "the call was still waiting");
+            let started = Instant::now();
+            assert_eq!(b.get(b"other").await.unwrap(), None);
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(1),
+                "an unrelated call took {took:?} after a dropped one"
+            );
+            holder.batch_execute("ROLLBACK").await.unwrap();
+            b.set(b"k", b"x", None).await.unwrap();
+            assert_eq!(b.get(b"k").await.unwrap(), Some(b"x".to_vec()));
+            drop_table(&b).await;
+        }
+
+        /// A path that stops delivering: the call returns Timeout within its bounds, and once
+        /// it has returned, its write cannot land (the connection it used is closed, and a
+        /// network that loses what the closed socket sent never delivers it).
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn frozen_path_times_out_and_the_write_never_lands() {
+            let direct = backend(PostgresOptions {
+                table: table("frozen"),
+                ..PostgresOptions::default()
+            })
+            .await;
+            let config: tokio_postgres::Config = url().parse().unwrap();
+            let port = config.get_ports().first().copied().unwrap_or(5432);
+            let proxy = crate::fault_proxy::FaultProxy::start(std::net::SocketAddr::from((
+                [127, 0, 0, 1],
+                port,
+            )))
+            .await;
+            let proxied =
+                url().replace(&format!(":{port}/"), &format!(":{}/", proxy.addr().port()));
+            assert_ne!(proxied, url(), "the test URL must name its port explicitly");
+            let op_timeout = Duration::from_millis(300);
+            let b = PostgresBackend::connect_with(
+                &proxied,
+                PostgresOptions {
+                    table: direct.shared.options.table.clone(),
+                    op_timeout,
+                    pool_size: 1,
+                    ..PostgresOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            b.set(b"k", b"v", None).await.unwrap();
+            proxy.freeze_existing();
+            let started = Instant::now();
+            let err = b.set(b"k", b"w", None).await.expect_err("frozen");
+            assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+            assert!(
+                started.elapsed() < op_timeout * 4,
+                "{:?}",
+                started.elapsed()
+            );
+            b.set(b"k", b"x", None).await.unwrap();
+            proxy.thaw();
+            proxy.drained().await;
+            assert_eq!(direct.get(b"k").await.unwrap(), Some(b"x".to_vec()));
+            drop(b);
+            drop_table(&direct).await;
+        }
+
+        /// Sweeps that fail are counted and their error kept, not swallowed.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn failing_sweeps_are_reported() {
+            let b = PostgresBackend::connect_with(
+                &url(),
+                PostgresOptions {
+                    table: table("no_such_table"),
+                    sweep_interval: Duration::from_millis(10),
+                    ..PostgresOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let (failures, last) = b.sweep_failures();
+                if failures > 0 {
+                    assert!(last.unwrap_or_default().contains("does not exist"));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "no sweep failure was reported");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
         }
     }
 }

@@ -11,12 +11,18 @@
 //! per key without a lock. `incr` parses, checks for overflow and only then swaps: a failure
 //! leaves the value unchanged.
 //!
-//! **Durability.** sled keeps recent writes in memory buffers and writes and fsyncs them from
-//! a background thread every 500 ms: in its native mode a crash of the process or the machine
-//! can lose up to the last half second of acknowledged writes. [`SledOptions`] defaults to
-//! flushing (fsync) after every write before acknowledging it, so that moving a service from
-//! keel's engine or redb to sled does not silently weaken what survives a crash; set
-//! `flush_every_write: false` for sled's native mode. `incr_durable` always flushes.
+//! **Durability.** sled keeps recent writes in memory buffers and writes them out from a
+//! background thread every 500 ms: in its native mode a crash of the process can lose up to
+//! the last half second of acknowledged writes. [`SledOptions`] defaults to flushing sled's
+//! buffers after every write before acknowledging it, and `incr_durable` always flushes. Know
+//! what a flush is: on Linux, sled 0.34 writes its log with `sync_file_range`
+//! (`WAIT_BEFORE | WRITE | WAIT_AFTER`), not `fsync`/`fdatasync` (upstream sled issue 1452).
+//! That pushes the pages to the device, so an acknowledged write survives a crash of the
+//! process, but it neither flushes the drive's volatile write cache nor syncs file metadata:
+//! after a power loss or a kernel crash, acknowledged writes can be lost. sled is therefore
+//! **not power-loss durable**, flushed or not, unlike keel's engine and redb (which call
+//! `fdatasync`/`fsync`). Use sled where losing recent writes on power loss is acceptable;
+//! fencing counters on sled are safe against process crashes only.
 //!
 //! **Expiry.** Lazy (an expired entry is absent for every operation) plus a background sweeper
 //! thread that removes expired entries in bounded batches, each with a conditional
@@ -39,10 +45,11 @@ use crate::embedded_common::{
 /// Options for [`SledBackend::open_with`].
 #[derive(Debug, Clone)]
 pub struct SledOptions {
-    /// Flush (write and fsync sled's buffers) after every write, before acknowledging it.
-    /// Default: `true`, so an acknowledged write survives a crash as it does on keel's engine
-    /// and on redb. `false` is sled's native mode: faster, but a crash can lose up to the last
-    /// 500 ms of acknowledged writes. `incr_durable` flushes either way.
+    /// Flush sled's buffers after every write, before acknowledging it. Default: `true`, so an
+    /// acknowledged write survives a crash of the process. A flush is `sync_file_range`, not
+    /// `fsync` (see the module docs): it does not make writes survive a power loss. `false` is
+    /// sled's native mode: faster, but a process crash can lose up to the last 500 ms of
+    /// acknowledged writes. `incr_durable` flushes either way.
     pub flush_every_write: bool,
     /// The expiry clock and the sweeper's pace.
     pub expiry: ExpiryOptions,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use keel_adapters::postgres::{PostgresBackend, PostgresOptions};
 use keel_adapters::redb::RedbBackend;
-use keel_adapters::redis::RedisBackend;
+use keel_adapters::redis::{FencingDurability, RedisBackend, RedisOptions};
 use keel_adapters::sled::{SledBackend, SledOptions};
 use keel_adapters::valkey::ValkeyBackend;
 use keel_engine::{Db, Durability, Options};
@@ -97,7 +97,16 @@ impl Target {
                 }
             }
             Kind::Redis(url) => Opened {
-                backend: Arc::new(RedisBackend::connect(&url).await.map_err(s)?),
+                // This machine's Redis predates WAITAOF (7.2): fencing counters are plain
+                // INCRBY there, as durable as its appendfsync setting (see BENCHMARKS.md).
+                backend: Arc::new(
+                    RedisBackend::connect_with(
+                        &url,
+                        RedisOptions::default().with_fencing(FencingDurability::BestEffort),
+                    )
+                    .await
+                    .map_err(s)?,
+                ),
                 db: None,
                 _dir: None,
             },

@@ -8,7 +8,8 @@
 //!   value is a value (distinct from a missing key); the empty key is a key.
 //! - **Limits.** Keys up to [`KEY_BYTES_MAX`] (1,024) bytes, values up to
 //!   [`VALUE_BYTES_MAX`] (16 MiB), on every backend (a namespace prefix counts towards the
-//!   key). Over the limit: [`ErrorKind::Limit`], nothing written.
+//!   key). An over-length key is [`ErrorKind::Limit`] on every operation, reads included
+//!   (never a silent miss); an over-length value is [`ErrorKind::Limit`]; nothing is written.
 //! - **TTLs** are `Duration`s of at least 1 ms and at most [`TTL_MAX`] (10 years);
 //!   sub-millisecond parts round up. A zero TTL is [`ErrorKind::InvalidInput`], never a
 //!   silent delete. A key with a TTL is invisible to every operation from the instant it

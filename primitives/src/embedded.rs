@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_engine::{Db, Durability, Op, Options, Outcome};
 
-use crate::backend::{Backend, ScanCursor, ScanPage, Ttl, TtlPolicy};
+use crate::backend::{Backend, ScanCursor, ScanPage, Ttl, TtlPolicy, check_key};
 use crate::error::Result;
 
 /// The embedded engine as a [`Backend`].
@@ -75,10 +75,12 @@ impl Backend for Embedded {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        check_key(key)?;
         Ok(self.db.get(key))
     }
 
     async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
+        check_key(key)?;
         Ok(self.db.get_with_ttl(key))
     }
 
@@ -148,6 +150,7 @@ impl Backend for Embedded {
     }
 
     async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
+        check_key(key)?;
         Ok(self.db.ttl(key))
     }
 

@@ -151,17 +151,70 @@ async fn kv_ttl_over_maximum_is_an_error(c: Ctx) {
         kind(c.b.incr(&key, 1, Some(huge)).await),
         ErrorKind::InvalidInput
     );
+    assert_eq!(
+        kind(c.b.incr_durable(&key, 1, Some(huge)).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(c.b.set_nx(&key, b"v", Some(huge)).await),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        kind(
+            c.b.compare_and_swap(&key, None, b"v", TtlPolicy::Set(huge))
+                .await
+        ),
+        ErrorKind::InvalidInput
+    );
     assert_eq!(c.b.get(&key).await.unwrap(), None);
+    c.b.set(&key, b"v", None).await.unwrap();
+    assert_eq!(kind(c.b.expire(&key, huge).await), ErrorKind::InvalidInput);
+    assert_eq!(
+        kind(
+            c.b.compare_and_swap(&key, Some(b"v"), b"w", TtlPolicy::Set(huge))
+                .await
+        ),
+        ErrorKind::InvalidInput
+    );
+    assert_eq!(
+        c.b.get(&key).await.unwrap(),
+        Some(b"v".to_vec()),
+        "nothing changed"
+    );
+    assert_eq!(c.b.ttl(&key).await.unwrap(), Ttl::NoExpiry);
     c.b.set(&key, b"v", Some(TTL_MAX)).await.unwrap();
     assert!(matches!(c.b.ttl(&key).await.unwrap(), Ttl::Remaining(_)));
 }
 
 async fn kv_oversize_key_and_value_are_refused(c: Ctx) {
+    // One rule on every backend and every operation, reads included: an over-length key is
+    // `Limit`, never a silent miss.
     let big_key = vec![b'k'; KEY_BYTES_MAX + 1];
-    assert_eq!(kind(c.b.set(&big_key, b"v", None).await), ErrorKind::Limit);
-    assert_eq!(kind(c.b.incr(&big_key, 1, None).await), ErrorKind::Limit);
+    let big: &[u8] = &big_key;
+    let b = &c.b;
+    assert_eq!(kind(b.set(big, b"v", None).await), ErrorKind::Limit);
+    assert_eq!(kind(b.incr(big, 1, None).await), ErrorKind::Limit);
+    assert_eq!(kind(b.incr_durable(big, 1, None).await), ErrorKind::Limit);
+    assert_eq!(kind(b.set_nx(big, b"v", None).await), ErrorKind::Limit);
+    assert_eq!(kind(b.get(big).await), ErrorKind::Limit);
+    assert_eq!(kind(b.get_with_ttl(big).await), ErrorKind::Limit);
+    assert_eq!(kind(b.ttl(big).await), ErrorKind::Limit);
+    assert_eq!(kind(b.delete(big).await), ErrorKind::Limit);
+    assert_eq!(kind(b.persist(big).await), ErrorKind::Limit);
+    assert_eq!(kind(b.expire(big, ms(1000)).await), ErrorKind::Limit);
     assert_eq!(
-        kind(c.b.set_nx(&big_key, b"v", None).await),
+        kind(b.compare_and_delete(big, b"v").await),
+        ErrorKind::Limit
+    );
+    assert_eq!(
+        kind(b.compare_and_swap(big, None, b"v", TtlPolicy::Keep).await),
+        ErrorKind::Limit
+    );
+    assert_eq!(
+        kind(
+            b.compare_and_swap(big, Some(b"v"), b"w", TtlPolicy::Keep)
+                .await
+        ),
         ErrorKind::Limit
     );
     let key = c.k("k");

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::backend::{
-    Backend, KEY_BYTES_MAX, ScanCursor, TTL_MAX, Ttl, TtlPolicy, VALUE_BYTES_MAX,
+    Backend, KEY_BYTES_MAX, SCAN_LIMIT_MAX, ScanCursor, TTL_MAX, Ttl, TtlPolicy, VALUE_BYTES_MAX,
 };
 use crate::error::ErrorKind;
 use crate::namespace::Namespaced;

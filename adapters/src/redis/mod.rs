@@ -5,8 +5,12 @@
 //! classified into [`ErrorKind`]s. The [Valkey adapter](crate::valkey) is this implementation
 //! with Valkey's native conditional commands switched on by what connect detected.
 //!
-//! All operations share one multiplexed connection that reconnects by itself after a failure;
-//! each operation is bounded by [`RedisOptions::op_timeout`]. Keys and values are sent as
+//! All operations share one multiplexed connection; each operation is bounded by
+//! [`RedisOptions::op_timeout`]. A timeout, a broken connection or a `READONLY` reply (a
+//! failover demoted the server behind the address) replaces the connection, and the server
+//! kills the old one before the new one carries anything (see `link`), so an operation that
+//! failed with [`ErrorKind::Timeout`] either took effect before the error was returned or
+//! never will: it cannot land after a later acknowledged operation of the same handle. Keys and values are sent as
 //! bytes, never as text. TTLs are validated with [`ttl_ms`] and key and value sizes with
 //! [`check_key`] and [`check_value`] before anything is sent, and TTLs travel in whole
 //! milliseconds (`PX`, `PEXPIRE`, `PTTL`), so expiry is measured by the server's clock.
@@ -26,7 +30,10 @@
 //!   cursor, and a key may come back more than once (the contract allows it). Redis takes
 //!   `COUNT` as a hint, so a page may hold a few more keys than `limit`, or none.
 //! - `now_ms`: `TIME`, floored so one handle never sees the server's time go backwards.
-//! - `incr_durable` is `incr`: every write is as durable as the server's persistence settings.
+//! - `incr_durable`: `INCRBY` then `WAITAOF 1 n op_timeout` on the same connection, so it is
+//!   acknowledged only once fsynced to the append-only file (and `n` replicas'); a server that
+//!   cannot (no AOF, Redis before 7.2) gets a typed error, not a token that can repeat. See
+//!   [`FencingDurability`] for the server settings that make fencing tokens safe.
 //!
 //! Scripts go by `EVALSHA`, loaded on the first `NOSCRIPT` reply (after a restart or a
 //! `SCRIPT FLUSH`, too).
@@ -44,11 +51,17 @@ use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
     VALUE_BYTES_MAX,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::{
-    AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisError, RedisResult,
-    ScriptInvocation, ServerErrorKind, cmd, pipe,
+    AsyncConnectionConfig, Client, Cmd, FromRedisValue, IntoConnectionInfo, Pipeline, RedisError,
+    RedisResult, ScriptInvocation, ServerErrorKind, cmd, pipe,
 };
+
+#[cfg(test)]
+mod fault_tests;
+mod link;
+
+use link::Link;
 
 /// `compare_and_swap` with an expected value, where the server has no native command.
 /// KEYS[1] = key; ARGV = expected, new, policy ("keep" | "px" | "clear"), TTL in ms (for "px").
@@ -83,6 +96,8 @@ static COMPARE_AND_DELETE: LazyLock<redis::Script> =
 
 /// The oldest Redis keel runs on: `SET ... KEEPTTL` arrived in 6.0.
 const REDIS_VERSION_MIN: Version = Version(6, 0, 0);
+/// The first Redis with `WAITAOF`.
+const WAITAOF_SINCE: Version = Version(7, 2, 0);
 /// The first Valkey with `SET ... IFEQ`.
 const VALKEY_SET_IFEQ_SINCE: Version = Version(8, 1, 0);
 /// The first Valkey with `DELIFEQ`.
@@ -106,6 +121,45 @@ pub struct RedisOptions {
     /// The longest `connect` may take to open its connection, and each later reconnection
     /// attempt. Default 5 s; must not be zero.
     pub connect_timeout: Duration,
+    /// What `incr_durable` (the lock's fencing counter) requires before it acknowledges.
+    /// Default [`FencingDurability::Aof`] with no replicas.
+    pub fencing: FencingDurability,
+}
+
+/// How durable `incr_durable` must be on a Redis or Valkey server before it acknowledges.
+///
+/// A fencing token is only safe if the counter can never go back: a crash of a server that
+/// had not yet written the increment to its append-only file (`appendfsync everysec`, or no
+/// AOF at all), or a failover to a replica that had not received it, would hand the same
+/// token to two holders. Which server settings make tokens safe:
+///
+/// | server | [`Aof`](FencingDurability::Aof) (default) |
+/// |---|---|
+/// | Redis ≥ 7.2 or Valkey, `appendonly yes` (any `appendfsync`) | safe: `WAITAOF` waits until the increment is fsynced to the AOF |
+/// | the same, with `replicas: n` | also survives a failover: `WAITAOF` waits for `n` replicas' AOFs |
+/// | `appendonly no` | refused: `incr_durable` fails with [`ErrorKind::Permanent`] saying so |
+/// | Redis older than 7.2 (no `WAITAOF`) | refused, the same way |
+///
+/// [`BestEffort`](FencingDurability::BestEffort) is a plain `INCRBY`: as durable as the
+/// server's settings happen to be, with no check, so tokens can repeat after a crash or a
+/// failover. Choose it knowingly (e.g. for a lock used only for efficiency, not correctness).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FencingDurability {
+    /// `INCRBY`, then `WAITAOF 1 replicas op_timeout`: acknowledged only once the increment
+    /// is in the local AOF on disk and in `replicas` replicas' AOFs.
+    Aof {
+        /// Replicas that must also have the increment in their AOF (0: only the primary).
+        replicas: u32,
+    },
+    /// Plain `INCRBY`; no durability check.
+    BestEffort,
+}
+
+impl Default for FencingDurability {
+    fn default() -> Self {
+        FencingDurability::Aof { replicas: 0 }
+    }
 }
 
 impl Default for RedisOptions {
@@ -113,6 +167,7 @@ impl Default for RedisOptions {
         RedisOptions {
             op_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            fencing: FencingDurability::default(),
         }
     }
 }
@@ -128,6 +183,68 @@ impl RedisOptions {
     pub fn with_connect_timeout(mut self, connect_timeout: Duration) -> Self {
         self.connect_timeout = connect_timeout;
         self
+    }
+
+    /// Sets [`fencing`](RedisOptions::fencing).
+    pub fn with_fencing(mut self, fencing: FencingDurability) -> Self {
+        self.fencing = fencing;
+        self
+    }
+
+    /// Applies the keel parameters of a URL's query (`fencing=aof`, `fencing=best-effort`,
+    /// `fencing_replicas=N`) and returns the URL without them, for the client.
+    pub(crate) fn with_url_params(mut self, url: &str) -> Result<(Self, String)> {
+        let Some((base, query)) = url.split_once('?') else {
+            return Ok((self, url.to_owned()));
+        };
+        let mut kept = Vec::new();
+        let mut replicas = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "fencing" => {
+                    self.fencing = match value {
+                        "aof" => FencingDurability::Aof { replicas: 0 },
+                        "best-effort" => FencingDurability::BestEffort,
+                        other => {
+                            return Err(Error::new(
+                                ErrorKind::InvalidInput,
+                                format!(
+                                    "unknown fencing={other:?} in the URL; use fencing=aof or \
+                                     fencing=best-effort"
+                                ),
+                            ));
+                        }
+                    }
+                }
+                "fencing_replicas" => {
+                    replicas = Some(value.parse::<u32>().map_err(|_| {
+                        Error::new(
+                            ErrorKind::InvalidInput,
+                            format!("fencing_replicas={value:?} in the URL is not a number"),
+                        )
+                    })?);
+                }
+                _ => kept.push(pair),
+            }
+        }
+        if let Some(n) = replicas {
+            match &mut self.fencing {
+                FencingDurability::Aof { replicas } => *replicas = n,
+                FencingDurability::BestEffort => {
+                    return Err(Error::new(
+                        ErrorKind::InvalidInput,
+                        "fencing_replicas needs fencing=aof",
+                    ));
+                }
+            }
+        }
+        let url = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        Ok((self, url))
     }
 
     fn validate(&self) -> Result<()> {
@@ -225,6 +342,12 @@ impl Server {
         self.is_valkey_since(VALKEY_DELIFEQ_SINCE)
     }
 
+    /// `WAITAOF` arrived in Redis 7.2, which every Valkey descends from. Unknown servers
+    /// (INFO refused) are given the benefit of the doubt: the server's reply decides.
+    pub(crate) fn lacks_waitaof(&self) -> bool {
+        self.flavor == Some(Flavor::Redis) && self.version.is_some_and(|v| v < WAITAOF_SINCE)
+    }
+
     fn describe(&self) -> String {
         let name = match self.flavor {
             Some(Flavor::Redis) => "Redis",
@@ -246,7 +369,8 @@ impl Server {
 /// (native conditional commands where the version has them) and names itself "valkey".
 #[derive(Clone)]
 pub struct RedisBackend {
-    conn: ConnectionManager,
+    link: Link,
+    fencing: FencingDurability,
     server: Server,
     name: &'static str,
     op_timeout: Duration,
@@ -294,7 +418,9 @@ impl RedisBackend {
     /// says which server the caller asked for.
     pub(crate) async fn open(url: &str, options: RedisOptions, wanted: Flavor) -> Result<Self> {
         options.validate()?;
-        let client = Client::open(redis_scheme(url).as_ref()).map_err(|e| {
+        let (options, url) = options.with_url_params(url)?;
+        let url = url.as_str();
+        let bad_url = |e: RedisError| {
             // The URL itself is not repeated: it may carry a password.
             Error::new(
                 ErrorKind::InvalidInput,
@@ -302,7 +428,13 @@ impl RedisBackend {
                  (or rediss://, redis+unix://, or the same with valkey)",
             )
             .with_source(e)
-        })?;
+        };
+        let info = redis_scheme(url)
+            .as_ref()
+            .into_connection_info()
+            .map_err(bad_url)?
+            .set_tcp_settings(link::tcp_settings());
+        let client = Client::open(info).map_err(bad_url)?;
         let addr = client.get_connection_info().addr().to_string();
         let server = probe(&client, &addr, &options).await?;
         let name = match (server.flavor, wanted) {
@@ -330,28 +462,32 @@ impl RedisBackend {
                 ),
             ));
         }
-        // The manager's own response timeout stays off: every operation is bounded by
+        // The client's own response timeout stays off: every operation is bounded by
         // `op_timeout` here instead, which also covers waiting for a reconnection.
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(None);
-        let conn = match tokio::time::timeout(
+        let link = match tokio::time::timeout(
             options.connect_timeout,
-            ConnectionManager::new_with_config(client, config),
+            Link::connect(client, options.connect_timeout),
         )
         .await
         {
-            Ok(Ok(conn)) => conn,
+            Ok(Ok(link)) => link,
             Ok(Err(e)) => return Err(connect_error(&addr, e)),
             Err(elapsed) => return Err(connect_timed_out(&addr, &options).with_source(elapsed)),
         };
         Ok(RedisBackend {
-            conn,
+            link,
             server,
             name,
+            fencing: options.fencing,
             op_timeout: options.op_timeout,
             clock_floor_ms: Arc::new(AtomicU64::new(0)),
         })
+    }
+
+    /// Connections opened after the first one (after a timeout, a broken connection or a
+    /// `READONLY` reply). For monitoring and tests.
+    pub fn reconnects(&self) -> u64 {
+        self.link.reconnects()
     }
 
     /// What connect detected; tests use it to check which commands are chosen.
@@ -368,45 +504,63 @@ impl RedisBackend {
         self
     }
 
-    /// Bounds `fut` by the operation timeout. The outer result is the timeout, the inner one
-    /// the server's answer, so callers can map server errors their own way (`incr`).
-    async fn within<T>(
-        &self,
-        op: &'static str,
-        fut: impl Future<Output = RedisResult<T>>,
-    ) -> Result<RedisResult<T>> {
-        tokio::time::timeout(self.op_timeout, fut)
-            .await
-            .map_err(|elapsed| {
-                Error::new(
-                    ErrorKind::Timeout,
-                    format!(
-                        "{op} did not finish within {} ms; whether it took effect is unknown, \
-                         and retrying may succeed",
-                        self.op_timeout.as_millis()
-                    ),
-                )
-                .with_source(elapsed)
-            })
+    /// Runs `f` on the connection, bounded by the operation timeout (which includes waiting
+    /// for a reconnection). The outer result is the timeout or a failed reconnection, the
+    /// inner one the server's answer, so callers can map server errors their own way
+    /// (`incr`). A timeout, a broken connection or a `READONLY` reply abandons the
+    /// connection (see [`link`]): the next operation reconnects.
+    async fn within<T, F, Fut>(&self, op: &'static str, f: F) -> Result<RedisResult<T>>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.op_timeout;
+        let timed_out = |what: &str| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{op} did not finish within {} ms ({what}); it may or may not have taken \
+                     effect, but it will not take effect after a later operation of this \
+                     handle is acknowledged; retrying may succeed",
+                    self.op_timeout.as_millis()
+                ),
+            )
+        };
+        let lease = match tokio::time::timeout_at(deadline, self.link.lease()).await {
+            Ok(Ok(lease)) => lease,
+            Ok(Err(e)) => return Err(redis_error(op, e)),
+            Err(_) => return Err(timed_out("waiting for a reconnection")),
+        };
+        match tokio::time::timeout_at(deadline, f(lease.conn.clone())).await {
+            Ok(Err(e)) if link::must_reconnect(&e) => {
+                self.link.abandon(&lease);
+                Ok(Err(e))
+            }
+            Ok(reply) => Ok(reply),
+            Err(elapsed) => {
+                self.link.abandon(&lease);
+                Err(timed_out("no reply").with_source(elapsed))
+            }
+        }
     }
 
-    async fn run<T>(
-        &self,
-        op: &'static str,
-        fut: impl Future<Output = RedisResult<T>>,
-    ) -> Result<T> {
-        self.within(op, fut).await?.map_err(|e| redis_error(op, e))
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
+        self.within(op, f).await?.map_err(|e| redis_error(op, e))
     }
 
     async fn query<T: FromRedisValue>(&self, op: &'static str, command: Cmd) -> Result<T> {
-        let mut conn = self.conn.clone();
-        self.run(op, async move { command.query_async(&mut conn).await })
-            .await
+        self.run(op, |mut conn| async move {
+            command.query_async(&mut conn).await
+        })
+        .await
     }
 
     async fn query_pipe<T: FromRedisValue>(&self, op: &'static str, p: Pipeline) -> Result<T> {
-        let mut conn = self.conn.clone();
-        self.run(op, async move { p.query_async(&mut conn).await })
+        self.run(op, |mut conn| async move { p.query_async(&mut conn).await })
             .await
     }
 
@@ -415,9 +569,100 @@ impl RedisBackend {
         op: &'static str,
         script: ScriptInvocation<'static>,
     ) -> Result<T> {
-        let mut conn = self.conn.clone();
-        self.run(op, async move { script.invoke_async(&mut conn).await })
-            .await
+        self.run(op, |mut conn| async move {
+            script.invoke_async(&mut conn).await
+        })
+        .await
+    }
+
+    /// `incr`, and with `wait_aof = Some(replicas)` followed on the same connection by
+    /// `WAITAOF 1 replicas op_timeout`, acknowledged only once durable.
+    async fn incr_with(
+        &self,
+        key: &[u8],
+        delta: i64,
+        ttl_on_create: Option<Duration>,
+        wait_aof: Option<u32>,
+    ) -> Result<i64> {
+        check_key(key)?;
+        let ttl_ms = ttl_on_create.map(ttl_ms).transpose()?;
+        let mut p = pipe();
+        match ttl_ms {
+            None => {
+                p.cmd("INCRBY").arg(key).arg(delta);
+            }
+            Some(ms) => {
+                // One round trip, atomically: create the key as "0" with the TTL only if it
+                // is absent, then add. INCRBY cannot fail on a key SET just created (0 + any
+                // i64 fits), so a failing INCRBY always means the key existed and SET NX left
+                // it, and its TTL, alone.
+                p.atomic()
+                    .cmd("SET")
+                    .arg(key)
+                    .arg(0)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(ms)
+                    .ignore()
+                    .cmd("INCRBY")
+                    .arg(key)
+                    .arg(delta);
+            }
+        }
+        let wait_ms = u64::try_from(self.op_timeout.as_millis()).unwrap_or(u64::MAX);
+        let op = if wait_aof.is_some() {
+            "INCRBY with WAITAOF"
+        } else {
+            "INCRBY"
+        };
+        // WAITAOF waits for this client's own last write, so it goes on the same connection,
+        // right after the increment.
+        let reply = self
+            .within(op, |mut conn| async move {
+                let (n,): (i64,) = p.query_async(&mut conn).await?;
+                let Some(replicas) = wait_aof else {
+                    return Ok((n, None));
+                };
+                let acked: (i64, i64) = cmd("WAITAOF")
+                    .arg(1)
+                    .arg(replicas)
+                    .arg(wait_ms)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok((n, Some((acked, replicas))))
+            })
+            .await?;
+        let (n, acked) = reply.map_err(|e| {
+            if server_error_details(&e)
+                .iter()
+                .any(|d| d.contains("appendonly is disabled"))
+            {
+                return Error::new(
+                    ErrorKind::Permanent,
+                    "incr_durable cannot make the counter durable: the server runs with \
+                     appendonly no (the increment itself was applied). Turn on the append-only \
+                     file (appendonly yes), or accept tokens that can repeat after a crash \
+                     with fencing=best-effort",
+                )
+                .with_source(e);
+            }
+            incr_error(op, e)
+        })?;
+        if let Some(((local, replicas_acked), replicas)) = acked
+            && (local < 1 || replicas_acked < i64::from(replicas))
+        {
+            return Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "incr_durable: the increment to {n} was applied but not confirmed durable \
+                     within {} ms (local AOF fsynced: {}, replicas with it: {replicas_acked} of \
+                     {replicas}); do not rely on this value as a fencing token",
+                    self.op_timeout.as_millis(),
+                    local >= 1
+                ),
+            ));
+        }
+        Ok(n)
     }
 
     /// `SET key value NX [PX ms]`: whether it wrote.
@@ -445,12 +690,14 @@ impl Backend for RedisBackend {
     }
 
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        check_key(key)?;
         let mut c = cmd("GET");
         c.arg(key);
         self.query("GET", c).await
     }
 
     async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
+        check_key(key)?;
         let mut p = pipe();
         p.atomic().cmd("GET").arg(key).cmd("PTTL").arg(key);
         let (value, pttl): (Option<Vec<u8>>, i64) = self.query_pipe("GET with PTTL", p).await?;
@@ -559,40 +806,33 @@ impl Backend for RedisBackend {
     }
 
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
-        check_key(key)?;
-        let ttl_ms = ttl_on_create.map(ttl_ms).transpose()?;
-        let mut conn = self.conn.clone();
-        let reply = match ttl_ms {
-            None => {
-                let mut c = cmd("INCRBY");
-                c.arg(key).arg(delta);
-                let fut = async move { c.query_async::<i64>(&mut conn).await };
-                self.within("INCRBY", fut).await?
+        self.incr_with(key, delta, ttl_on_create, None).await
+    }
+
+    async fn incr_durable(
+        &self,
+        key: &[u8],
+        delta: i64,
+        ttl_on_create: Option<Duration>,
+    ) -> Result<i64> {
+        match self.fencing {
+            FencingDurability::BestEffort => self.incr_with(key, delta, ttl_on_create, None).await,
+            FencingDurability::Aof { replicas } => {
+                if self.server.lacks_waitaof() {
+                    return Err(Error::new(
+                        ErrorKind::Permanent,
+                        format!(
+                            "incr_durable needs WAITAOF to make the counter durable, and this \
+                             server ({}) is older than Redis 7.2; upgrade it, or accept tokens \
+                             that can repeat after a crash with fencing=best-effort",
+                            self.server.describe()
+                        ),
+                    ));
+                }
+                self.incr_with(key, delta, ttl_on_create, Some(replicas))
+                    .await
             }
-            Some(ms) => {
-                // One round trip, atomically: create the key as "0" with the TTL only if it
-                // is absent, then add. INCRBY cannot fail on a key SET just created (0 + any
-                // i64 fits), so a failing INCRBY always means the key existed and SET NX left
-                // it, and its TTL, alone.
-                let mut p = pipe();
-                p.atomic()
-                    .cmd("SET")
-                    .arg(key)
-                    .arg(0)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ms)
-                    .ignore()
-                    .cmd("INCRBY")
-                    .arg(key)
-                    .arg(delta);
-                let fut = async move { p.query_async::<(i64,)>(&mut conn).await };
-                self.within("SET NX PX with INCRBY", fut)
-                    .await?
-                    .map(|(n,)| n)
-            }
-        };
-        reply.map_err(|e| incr_error("INCRBY", e))
+        }
     }
 
     async fn expire(&self, key: &[u8], ttl: Duration) -> Result<bool> {
@@ -613,6 +853,7 @@ impl Backend for RedisBackend {
     }
 
     async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
+        check_key(key)?;
         let mut c = cmd("PTTL");
         c.arg(key);
         let pttl: i64 = self.query("PTTL", c).await?;
@@ -1128,7 +1369,7 @@ mod tests {
     #[tokio::test]
     async fn real_server_errors_are_classified() {
         let b = redis_server().await;
-        let mut conn = b.conn.clone();
+        let mut conn = b.link.lease().await.unwrap().conn;
         let unknown = cmd("KEEL-NO-SUCH-COMMAND")
             .query_async::<()>(&mut conn)
             .await;
@@ -1169,17 +1410,23 @@ mod tests {
         };
         // BLPOP on a key nobody pushes to holds the reply back for 0.5 s, longer than the
         // 50 ms allowed.
-        let mut conn = b.conn.clone();
         let key = unique("never-pushed");
-        let fut = async move {
-            cmd("BLPOP")
-                .arg(&key)
-                .arg(0.5)
-                .query_async::<Option<(Vec<u8>, Vec<u8>)>>(&mut conn)
-                .await
-        };
-        let err = b.run("BLPOP", fut).await.err();
+        let err = b
+            .run("BLPOP", |mut conn| async move {
+                cmd("BLPOP")
+                    .arg(&key)
+                    .arg(0.5)
+                    .query_async::<Option<(Vec<u8>, Vec<u8>)>>(&mut conn)
+                    .await
+            })
+            .await
+            .err();
         assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::Timeout));
+        // The timed-out connection was replaced, and the handle works on the new one.
+        b.set(&unique("after"), b"v", Some(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        assert_eq!(b.reconnects(), 1);
     }
 
     #[tokio::test]

@@ -1,0 +1,222 @@
+//! Faults a production network has, on scratch Redis and Valkey servers: a path that stops
+//! delivering (frozen by a loopback proxy), and a failover that demotes the primary behind a
+//! stable address. Deterministic: the proxy holds bytes until told, servers are demoted by
+//! command, and every wait is a bounded poll for a state, not a sleep hoping for one.
+
+use std::time::Duration;
+
+use keel_primitives::{Backend, ErrorKind};
+use tokio::time::Instant;
+
+use super::{RedisBackend, RedisOptions};
+use crate::fault_proxy::FaultProxy;
+use crate::scratch::{Kind, Scratch};
+
+const OP_TIMEOUT: Duration = Duration::from_millis(300);
+
+async fn through(proxy: &FaultProxy, kind: Kind) -> RedisBackend {
+    let url = format!("{}://{}/", kind.scheme(), proxy.addr());
+    let options = RedisOptions::default()
+        .with_op_timeout(OP_TIMEOUT)
+        .with_connect_timeout(OP_TIMEOUT);
+    RedisBackend::connect_with(&url, options).await.unwrap()
+}
+
+/// The server's client IDs (one per line of `CLIENT LIST`), without the asking connection.
+fn client_ids(server: &Scratch) -> Vec<String> {
+    let list = server.cli(&["CLIENT", "LIST"]).unwrap();
+    list.lines()
+        .filter(|l| !l.contains("cmd=client|list") && !l.contains("cmd=client "))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|f| f.strip_prefix("id="))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// A silent drop: the handle's path stops delivering. The timed-out `SET` is held by a
+/// middlebox that delivers it later; the handle must reconnect within a few op timeouts, kill
+/// the old connection first, and the held `SET` must never land after the later one.
+async fn silent_drop_recovers_and_the_timed_out_write_never_lands(kind: Kind) {
+    let server = Scratch::start(kind, &[]);
+    let proxy = FaultProxy::start_buffering(server.addr()).await;
+    let b = through(&proxy, kind).await;
+    b.set(b"k", b"v", None).await.unwrap();
+    let before = client_ids(&server);
+    assert_eq!(before.len(), 1, "one connection: {before:?}");
+
+    proxy.freeze_existing();
+    let frozen_at = Instant::now();
+    let err = b
+        .set(b"k", b"w", None)
+        .await
+        .expect_err("the path is frozen");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        err.to_string().contains("will not take effect after"),
+        "{err}"
+    );
+
+    // The next operation reconnects (a new flow through the proxy is not frozen).
+    b.set(b"k", b"x", None).await.unwrap();
+    let recovered = frozen_at.elapsed();
+    assert!(
+        recovered < OP_TIMEOUT * 3,
+        "recovered after {recovered:?}, more than 3 op timeouts"
+    );
+    assert_eq!(b.reconnects(), 1);
+    let after = client_ids(&server);
+    assert!(
+        !after.contains(&before[0]),
+        "the abandoned connection {} was not killed before the new one was used: {after:?}",
+        before[0]
+    );
+
+    // Heal the path: the middlebox delivers the held SET w to a socket the server closed.
+    proxy.thaw();
+    proxy.drained().await;
+    assert_eq!(server.cli(&["GET", "k"]).unwrap(), "x");
+    assert_eq!(b.get(b"k").await.unwrap(), Some(b"x".to_vec()));
+}
+
+/// A failover behind a stable address: the old primary is demoted (`REPLICAOF`), the replica
+/// promoted, and the address now leads to it. The handle's connection to the demoted server
+/// answers `READONLY`; the handle must reconnect and write to the new primary.
+async fn readonly_after_failover_reconnects_to_the_new_primary(kind: Kind) {
+    let a = Scratch::start(kind, &[]);
+    let port = a.port.to_string();
+    let b_server = Scratch::start(kind, &["--replicaof", "127.0.0.1", &port]);
+    b_server.wait_replica_synced();
+    let proxy = FaultProxy::start(a.addr()).await;
+    let b = through(&proxy, kind).await;
+    b.set(b"k", b"1", None).await.unwrap();
+
+    // Fail over: promote the replica, demote the primary, move the address.
+    assert_eq!(b_server.cli(&["REPLICAOF", "NO", "ONE"]).unwrap(), "OK");
+    let new_primary = b_server.port.to_string();
+    assert_eq!(
+        a.cli(&["REPLICAOF", "127.0.0.1", &new_primary]).unwrap(),
+        "OK"
+    );
+    proxy.set_upstream(b_server.addr());
+
+    let err = b
+        .set(b"k", b"2", None)
+        .await
+        .expect_err("the old primary is read-only now");
+    assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+    // One retry reaches the new primary.
+    b.set(b"k", b"2", None).await.unwrap();
+    assert_eq!(b.reconnects(), 1);
+    assert_eq!(b_server.cli(&["GET", "k"]).unwrap(), "2");
+}
+
+/// A caller that gives up (drops the future) does not hold up unrelated calls, and the
+/// cancelled write cannot land after a later acknowledged one (commands on one connection run
+/// in order, and a replaced connection is killed first).
+async fn cancelled_call_leaves_the_handle_usable(kind: Kind) {
+    let server = Scratch::start(kind, &[]);
+    let proxy = FaultProxy::start(server.addr()).await;
+    let b = through(&proxy, kind).await;
+    b.set(b"k", b"v", None).await.unwrap();
+    proxy.freeze_existing();
+    let cancelled = tokio::time::timeout(Duration::from_millis(20), b.set(b"k", b"w", None)).await;
+    assert!(
+        cancelled.is_err(),
+        "the frozen call was cancelled by its caller"
+    );
+    // The next call times out on the frozen connection, abandoning it; the one after works.
+    let started = Instant::now();
+    let first = b.get(b"other").await;
+    let second = b.set(b"k", b"x", None).await;
+    assert!(
+        first.is_ok()
+            || first
+                .as_ref()
+                .is_err_and(|e| e.kind() == ErrorKind::Timeout),
+        "{first:?}"
+    );
+    second.unwrap();
+    assert!(
+        started.elapsed() < OP_TIMEOUT * 3,
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.thaw();
+    proxy.drained().await;
+    assert_eq!(server.cli(&["GET", "k"]).unwrap(), "x");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_silent_drop_recovers_and_the_timed_out_write_never_lands() {
+    silent_drop_recovers_and_the_timed_out_write_never_lands(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_silent_drop_recovers_and_the_timed_out_write_never_lands() {
+    silent_drop_recovers_and_the_timed_out_write_never_lands(Kind::Valkey).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_readonly_after_failover_reconnects_to_the_new_primary() {
+    readonly_after_failover_reconnects_to_the_new_primary(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_readonly_after_failover_reconnects_to_the_new_primary() {
+    readonly_after_failover_reconnects_to_the_new_primary(Kind::Valkey).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cancelled_call_leaves_the_handle_usable() {
+    cancelled_call_leaves_the_handle_usable(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cancelled_call_leaves_the_handle_usable() {
+    cancelled_call_leaves_the_handle_usable(Kind::Valkey).await;
+}
+
+/// Fencing counters survive a crash: with the append-only file on and `appendfsync everysec`
+/// (where a plain `INCR` acknowledged in the last second is lost by a crash), `incr_durable`
+/// waits for the fsync (`WAITAOF`), so after `kill -9` and a restart the next token is higher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_fencing_counter_survives_a_crash_restart() {
+    let args = ["--appendonly", "yes", "--appendfsync", "everysec"];
+    let server = Scratch::start(Kind::Valkey, &args);
+    let b = RedisBackend::connect(&server.url()).await.unwrap();
+    for expected in 1..=5 {
+        assert_eq!(b.incr_durable(b"fence", 1, None).await.unwrap(), expected);
+    }
+    drop(b);
+    let server = server.crash_and_restart(&args);
+    let b = RedisBackend::connect(&server.url()).await.unwrap();
+    assert_eq!(b.incr_durable(b"fence", 1, None).await.unwrap(), 6);
+}
+
+/// A server that cannot make the counter durable refuses with a typed error that says what
+/// to change, instead of handing out tokens that can repeat; `fencing=best-effort` opts out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_without_an_append_only_file_is_refused() {
+    for kind in [Kind::Redis, Kind::Valkey] {
+        let server = Scratch::start(kind, &[]);
+        let b = RedisBackend::connect(&server.url()).await.unwrap();
+        let err = b
+            .incr_durable(b"fence", 1, None)
+            .await
+            .expect_err("no AOF: not durable");
+        assert_eq!(err.kind(), ErrorKind::Permanent, "{kind:?}: {err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("appendonly") || text.contains("older than Redis 7.2"),
+            "{kind:?}: {text}"
+        );
+        assert!(text.contains("fencing=best-effort"), "{text}");
+        let relaxed = RedisBackend::connect(&format!("{}?fencing=best-effort", server.url()))
+            .await
+            .unwrap();
+        let n = relaxed.incr_durable(b"fence", 1, None).await.unwrap();
+        assert!(n >= 1);
+    }
+}
