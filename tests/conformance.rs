@@ -3,7 +3,8 @@
 //! `target/conformance/<backend>.txt`, which the test script prints as a matrix.
 //!
 //! Server backends read their URL from `KEEL_TEST_REDIS_URL`, `KEEL_TEST_VALKEY_URL`,
-//! `KEEL_TEST_POSTGRES_URL` (the test script sets them). A server backend whose URL is unset
+//! `KEEL_TEST_POSTGRES_URL`, `KEEL_TEST_REDIS_CLUSTER_URL`, `KEEL_TEST_VALKEY_CLUSTER_URL` (the
+//! test script sets them). A server backend whose URL is unset
 //! fails under `CI=true` and, elsewhere, fails with a message saying how to start it: nothing is
 //! skipped silently.
 
@@ -64,6 +65,27 @@ async fn conformance_valkey() {
         .await
         .unwrap();
     check(Arc::new(backend), "valkey").await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_redis_cluster() {
+    let url = server_url("KEEL_TEST_REDIS_CLUSTER_URL");
+    let backend = keel_adapters::redis::RedisBackend::connect(&url)
+        .await
+        .unwrap();
+    assert!(backend.is_cluster());
+    check(Arc::new(backend), "redis-cluster").await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_valkey_cluster() {
+    let url = server_url("KEEL_TEST_VALKEY_CLUSTER_URL");
+    let backend = keel_adapters::valkey::ValkeyBackend::connect(&url)
+        .await
+        .unwrap();
+    check(Arc::new(backend), "valkey-cluster").await;
 }
 
 #[cfg(feature = "postgres")]

@@ -220,3 +220,168 @@ async fn fencing_without_an_append_only_file_is_refused() {
         assert!(n >= 1);
     }
 }
+
+/// Two scratch primaries in one cluster, half the slots each.
+fn scratch_cluster(kind: Kind) -> (Scratch, Scratch) {
+    let args = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ];
+    let a = Scratch::start(kind, &args);
+    let b = Scratch::start(kind, &args);
+    assert_eq!(
+        a.cli(&["CLUSTER", "ADDSLOTSRANGE", "0", "8191"]).unwrap(),
+        "OK"
+    );
+    assert_eq!(
+        b.cli(&["CLUSTER", "ADDSLOTSRANGE", "8192", "16383"])
+            .unwrap(),
+        "OK"
+    );
+    let b_port = b.port.to_string();
+    assert_eq!(
+        a.cli(&["CLUSTER", "MEET", "127.0.0.1", &b_port]).unwrap(),
+        "OK"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for node in [&a, &b] {
+        while !node
+            .cli(&["CLUSTER", "INFO"])
+            .is_some_and(|i| i.contains("cluster_state:ok"))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the scratch cluster never formed"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    (a, b)
+}
+
+/// A plain URL to a cluster node is refused with the URL form to use, instead of half working.
+async fn plain_url_to_a_cluster_node_is_refused(kind: Kind) {
+    let (a, _b) = scratch_cluster(kind);
+    let err = RedisBackend::connect(&a.url())
+        .await
+        .expect_err("a cluster node behind a plain URL");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    assert!(err.to_string().contains("+cluster://"), "{err}");
+}
+
+/// Resharding while the backend works: the slot of the test keys moves from one primary to
+/// the other by hand (`SETSLOT MIGRATING/IMPORTING`, `MIGRATE`, `SETSLOT NODE`). Operations
+/// during the move follow `ASK`, and after it `MOVED`, and never lose a key.
+async fn resharding_is_followed(kind: Kind) {
+    let (a, b) = scratch_cluster(kind);
+    let url = format!(
+        "{}+cluster://127.0.0.1:{},127.0.0.1:{}/?fencing=best-effort",
+        kind.scheme(),
+        a.port,
+        b.port
+    );
+    let backend = RedisBackend::connect(&url).await.unwrap();
+    assert!(backend.is_cluster());
+    backend.set(b"{moving}old", b"1", None).await.unwrap();
+    let slot = a.cli(&["CLUSTER", "KEYSLOT", "{moving}"]).unwrap();
+    let (src, dst) = if slot.parse::<u16>().unwrap() <= 8191 {
+        (&a, &b)
+    } else {
+        (&b, &a)
+    };
+    let src_id = src.cli(&["CLUSTER", "MYID"]).unwrap();
+    let dst_id = dst.cli(&["CLUSTER", "MYID"]).unwrap();
+    assert_eq!(
+        dst.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id])
+            .unwrap(),
+        "OK"
+    );
+    assert_eq!(
+        src.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id])
+            .unwrap(),
+        "OK"
+    );
+    // Mid-migration: a new key in the slot goes to the importing node (ASK); the old key is
+    // still read from the source.
+    backend.set(b"{moving}new", b"2", None).await.unwrap();
+    assert_eq!(
+        backend.get(b"{moving}old").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    let dst_port = dst.port.to_string();
+    let migrated = src
+        .cli(&[
+            "MIGRATE",
+            "127.0.0.1",
+            &dst_port,
+            "",
+            "0",
+            "5000",
+            "KEYS",
+            "{moving}old",
+        ])
+        .unwrap();
+    assert_eq!(migrated, "OK");
+    // The key has left the source: ASK leads to it.
+    assert_eq!(
+        backend.get(b"{moving}old").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    for node in [src, dst] {
+        assert_eq!(
+            node.cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id])
+                .unwrap(),
+            "OK"
+        );
+    }
+    // Moved for good: MOVED leads to the new owner.
+    assert_eq!(backend.incr(b"{moving}n", 5, None).await.unwrap(), 5);
+    assert_eq!(
+        backend.get(b"{moving}old").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    assert_eq!(
+        backend.get(b"{moving}new").await.unwrap(),
+        Some(b"2".to_vec())
+    );
+    assert_eq!(dst.cli(&["GET", "{moving}n"]).unwrap(), "5");
+    // The scan covers both primaries.
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = backend
+            .scan(b"{moving}", cursor.as_ref(), 10)
+            .await
+            .unwrap();
+        seen.extend(page.keys);
+        match page.next {
+            Some(next) => cursor = Some(next),
+            None => break,
+        }
+    }
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_plain_url_to_a_cluster_node_is_refused() {
+    plain_url_to_a_cluster_node_is_refused(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_plain_url_to_a_cluster_node_is_refused() {
+    plain_url_to_a_cluster_node_is_refused(Kind::Valkey).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_resharding_is_followed() {
+    resharding_is_followed(Kind::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cluster_resharding_is_followed() {
+    resharding_is_followed(Kind::Valkey).await;
+}

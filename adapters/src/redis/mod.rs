@@ -57,11 +57,59 @@ use redis::{
     RedisResult, ScriptInvocation, ServerErrorKind, cmd, pipe,
 };
 
+mod cluster;
 #[cfg(test)]
 mod fault_tests;
 mod link;
 
 use link::Link;
+use redis::aio::ConnectionLike;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{RedisFuture, Value};
+
+/// How a backend reaches its server: one server over a replaceable connection, or a cluster
+/// through the cluster client (which follows `MOVED`/`ASK` and reconnects per node itself).
+#[derive(Clone)]
+enum Transport {
+    Single(Link),
+    Cluster(ClusterConnection),
+}
+
+/// A connection an operation runs on.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
 
 /// `compare_and_swap` with an expected value, where the server has no native command.
 /// KEYS[1] = key; ARGV = expected, new, policy ("keep" | "px" | "clear"), TTL in ms (for "px").
@@ -369,7 +417,7 @@ impl Server {
 /// (native conditional commands where the version has them) and names itself "valkey".
 #[derive(Clone)]
 pub struct RedisBackend {
-    link: Link,
+    transport: Transport,
     fencing: FencingDurability,
     server: Server,
     name: &'static str,
@@ -425,18 +473,41 @@ impl RedisBackend {
             Error::new(
                 ErrorKind::InvalidInput,
                 "not a usable Redis or Valkey URL: expected redis://[user:password@]host[:port][/db] \
-                 (or rediss://, redis+unix://, or the same with valkey)",
+                 (or rediss://, redis+unix://, redis+cluster://host:port,host:port, or the same \
+                 with valkey)",
             )
             .with_source(e)
         };
-        let info = redis_scheme(url)
-            .as_ref()
+        let url = redis_scheme(url);
+        let seeds = cluster::seed_urls(&url).transpose()?;
+        // The probe talks to the server itself, or to the first seed of a cluster.
+        let probe_url = seeds.as_ref().map_or(url.as_ref(), |s| s[0].as_str());
+        let info = probe_url
             .into_connection_info()
             .map_err(bad_url)?
             .set_tcp_settings(link::tcp_settings());
         let client = Client::open(info).map_err(bad_url)?;
         let addr = client.get_connection_info().addr().to_string();
-        let server = probe(&client, &addr, &options).await?;
+        let (server, cluster_enabled) = probe(&client, &addr, &options).await?;
+        if cluster_enabled && seeds.is_none() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the server at {addr} is a cluster node; a plain URL would reach only the keys \
+                     it owns. Connect with redis+cluster://{addr}[,host:port...] (or \
+                     valkey+cluster://)"
+                ),
+            ));
+        }
+        if !cluster_enabled && seeds.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "the server at {addr} is not in cluster mode; connect with redis:// (or \
+                     valkey://)"
+                ),
+            ));
+        }
         let name = match (server.flavor, wanted) {
             (Some(Flavor::Valkey), _) | (None, Flavor::Valkey) => "valkey",
             (Some(Flavor::Redis), Flavor::Valkey) => {
@@ -464,18 +535,27 @@ impl RedisBackend {
         }
         // The client's own response timeout stays off: every operation is bounded by
         // `op_timeout` here instead, which also covers waiting for a reconnection.
-        let link = match tokio::time::timeout(
-            options.connect_timeout,
-            Link::connect(client, options.connect_timeout),
-        )
-        .await
-        {
-            Ok(Ok(link)) => link,
+        let transport = match &seeds {
+            None => tokio::time::timeout(
+                options.connect_timeout,
+                Link::connect(client, options.connect_timeout),
+            )
+            .await
+            .map(|r| r.map(Transport::Single)),
+            Some(seeds) => tokio::time::timeout(
+                options.connect_timeout,
+                cluster::connect(seeds, options.connect_timeout),
+            )
+            .await
+            .map(|r| r.map(Transport::Cluster)),
+        };
+        let transport = match transport {
+            Ok(Ok(transport)) => transport,
             Ok(Err(e)) => return Err(connect_error(&addr, e)),
             Err(elapsed) => return Err(connect_timed_out(&addr, &options).with_source(elapsed)),
         };
         Ok(RedisBackend {
-            link,
+            transport,
             server,
             name,
             fencing: options.fencing,
@@ -487,7 +567,16 @@ impl RedisBackend {
     /// Connections opened after the first one (after a timeout, a broken connection or a
     /// `READONLY` reply). For monitoring and tests.
     pub fn reconnects(&self) -> u64 {
-        self.link.reconnects()
+        match &self.transport {
+            Transport::Single(link) => link.reconnects(),
+            // The cluster client reconnects per node on its own and does not count.
+            Transport::Cluster(_) => 0,
+        }
+    }
+
+    /// Whether this backend talks to a cluster (`redis+cluster://`).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.transport, Transport::Cluster(_))
     }
 
     /// What connect detected; tests use it to check which commands are chosen.
@@ -511,34 +600,48 @@ impl RedisBackend {
     /// connection (see [`link`]): the next operation reconnects.
     async fn within<T, F, Fut>(&self, op: &'static str, f: F) -> Result<RedisResult<T>>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.op_timeout;
         let timed_out = |what: &str| {
+            let rule = if self.is_cluster() {
+                "it may or may not have taken effect"
+            } else {
+                "it may or may not have taken effect, but it will not take effect after a later \
+                 operation of this handle is acknowledged"
+            };
             Error::new(
                 ErrorKind::Timeout,
                 format!(
-                    "{op} did not finish within {} ms ({what}); it may or may not have taken \
-                     effect, but it will not take effect after a later operation of this \
-                     handle is acknowledged; retrying may succeed",
+                    "{op} did not finish within {} ms ({what}); {rule}; retrying may succeed",
                     self.op_timeout.as_millis()
                 ),
             )
         };
-        let lease = match tokio::time::timeout_at(deadline, self.link.lease()).await {
+        let link = match &self.transport {
+            Transport::Single(link) => link,
+            Transport::Cluster(conn) => {
+                return match tokio::time::timeout_at(deadline, f(Conn::Cluster(conn.clone()))).await
+                {
+                    Ok(reply) => Ok(reply),
+                    Err(elapsed) => Err(timed_out("no reply").with_source(elapsed)),
+                };
+            }
+        };
+        let lease = match tokio::time::timeout_at(deadline, link.lease()).await {
             Ok(Ok(lease)) => lease,
             Ok(Err(e)) => return Err(redis_error(op, e)),
             Err(_) => return Err(timed_out("waiting for a reconnection")),
         };
-        match tokio::time::timeout_at(deadline, f(lease.conn.clone())).await {
+        match tokio::time::timeout_at(deadline, f(Conn::Single(lease.conn.clone()))).await {
             Ok(Err(e)) if link::must_reconnect(&e) => {
-                self.link.abandon(&lease);
+                link.abandon(&lease);
                 Ok(Err(e))
             }
             Ok(reply) => Ok(reply),
             Err(elapsed) => {
-                self.link.abandon(&lease);
+                link.abandon(&lease);
                 Err(timed_out("no reply").with_source(elapsed))
             }
         }
@@ -546,7 +649,7 @@ impl RedisBackend {
 
     async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
         self.within(op, f).await?.map_err(|e| redis_error(op, e))
@@ -617,18 +720,25 @@ impl RedisBackend {
         };
         // WAITAOF waits for this client's own last write, so it goes on the same connection,
         // right after the increment.
+        let key_owned = key.to_vec();
         let reply = self
             .within(op, |mut conn| async move {
                 let (n,): (i64,) = p.query_async(&mut conn).await?;
                 let Some(replicas) = wait_aof else {
                     return Ok((n, None));
                 };
-                let acked: (i64, i64) = cmd("WAITAOF")
-                    .arg(1)
-                    .arg(replicas)
-                    .arg(wait_ms)
-                    .query_async(&mut conn)
-                    .await?;
+                let mut wait = cmd("WAITAOF");
+                wait.arg(1).arg(replicas).arg(wait_ms);
+                let acked: (i64, i64) = match &mut conn {
+                    Conn::Single(c) => wait.query_async(c).await?,
+                    // On a cluster it must reach the node that took the increment.
+                    Conn::Cluster(c) => {
+                        let route = Route::new(cluster::key_slot(&key_owned), SlotAddr::Master);
+                        let node = SingleNodeRoutingInfo::SpecificNode(route);
+                        let reply = c.route_command(wait, RoutingInfo::SingleNode(node)).await?;
+                        FromRedisValue::from_redis_value(reply)?
+                    }
+                };
                 Ok((n, Some((acked, replicas))))
             })
             .await?;
@@ -663,6 +773,64 @@ impl RedisBackend {
             ));
         }
         Ok(n)
+    }
+
+    /// `scan` on a cluster: one primary at a time, in address order; the cursor names the
+    /// primary and its own `SCAN` cursor. A key that moves between primaries during the scan
+    /// (resharding) may be missed or repeated.
+    async fn scan_cluster(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        let mut nodes = cmd("CLUSTER");
+        nodes.arg("NODES");
+        let nodes: String = self.query("CLUSTER NODES", nodes).await?;
+        let primaries = cluster::primaries(&nodes);
+        let (node, position) = match cursor {
+            Some(c) => cluster::decode_cursor(&c.0)?,
+            None => match primaries.first() {
+                Some(first) => (first.clone(), 0),
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Transient,
+                        "the cluster reports no reachable primary",
+                    ));
+                }
+            },
+        };
+        let (host, port) = cluster::host_port(&node)?;
+        let mut c = cmd("SCAN");
+        c.arg(position)
+            .arg("MATCH")
+            .arg(match_prefix(prefix))
+            .arg("COUNT")
+            .arg(limit.clamp(1, SCAN_LIMIT_MAX));
+        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+        let (next, keys): (u64, Vec<Vec<u8>>) = self
+            .run("SCAN", |conn| async move {
+                let Conn::Cluster(mut conn) = conn else {
+                    unreachable!("scan_cluster runs only on a cluster transport")
+                };
+                let reply = conn.route_command(c, routing).await?;
+                Ok(<(u64, Vec<Vec<u8>>)>::from_redis_value(reply)?)
+            })
+            .await?;
+        let keys = keys.into_iter().filter(|k| k.starts_with(prefix)).collect();
+        let next = if next != 0 {
+            Some(cluster::encode_cursor(&node, next))
+        } else {
+            // This primary is done: the next one in address order, if any.
+            primaries
+                .iter()
+                .find(|p| p.as_str() > node.as_str())
+                .map(|p| cluster::encode_cursor(p, 0))
+        };
+        Ok(ScanPage {
+            keys,
+            next: next.map(ScanCursor),
+        })
     }
 
     /// `SET key value NX [PX ms]`: whether it wrote.
@@ -866,6 +1034,9 @@ impl Backend for RedisBackend {
         cursor: Option<&ScanCursor>,
         limit: usize,
     ) -> Result<ScanPage> {
+        if self.is_cluster() {
+            return self.scan_cluster(prefix, cursor, limit).await;
+        }
         let position = match cursor {
             None => 0,
             Some(c) => parse_cursor(&c.0)?,
@@ -903,10 +1074,12 @@ impl Backend for RedisBackend {
 
 /// Accepts the Valkey spellings of the URL schemes by rewriting them to Redis's.
 pub(crate) fn redis_scheme(url: &str) -> Cow<'_, str> {
-    const REWRITES: [(&str, &str); 3] = [
+    const REWRITES: [(&str, &str); 5] = [
         ("valkey://", "redis://"),
         ("valkeys://", "rediss://"),
         ("valkey+unix://", "redis+unix://"),
+        ("valkey+cluster://", "redis+cluster://"),
+        ("valkeys+cluster://", "rediss+cluster://"),
     ];
     for (from, to) in REWRITES {
         if url.len() >= from.len()
@@ -922,7 +1095,7 @@ pub(crate) fn redis_scheme(url: &str) -> Cow<'_, str> {
 /// Opens one plain connection, checks `PING`, and reads `INFO server`. It runs before the
 /// reconnecting manager exists so an unreachable server fails at once with its real cause
 /// (connection refused, authentication), not after the manager's reconnection backoff.
-async fn probe(client: &Client, addr: &str, options: &RedisOptions) -> Result<Server> {
+async fn probe(client: &Client, addr: &str, options: &RedisOptions) -> Result<(Server, bool)> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(options.connect_timeout))
         .set_response_timeout(Some(options.op_timeout));
@@ -951,14 +1124,26 @@ async fn probe(client: &Client, addr: &str, options: &RedisOptions) -> Result<Se
         cmd("INFO").arg("server").query_async::<String>(&mut conn),
     )
     .await;
-    match info {
-        Ok(Ok(text)) => Ok(Server::from_info(&text)),
+    let server = match info {
+        Ok(Ok(text)) => Server::from_info(&text),
         // A server that refuses INFO (an ACL, a renamed command) still works: it just gets
         // the portable commands and scripts.
-        Ok(Err(e)) if e.kind() != redis::ErrorKind::Io => Ok(Server::UNKNOWN),
-        Ok(Err(e)) => Err(connect_error(addr, e)),
-        Err(elapsed) => Err(connect_timed_out(addr, options).with_source(elapsed)),
-    }
+        Ok(Err(e)) if e.kind() != redis::ErrorKind::Io => Server::UNKNOWN,
+        Ok(Err(e)) => return Err(connect_error(addr, e)),
+        Err(elapsed) => return Err(connect_timed_out(addr, options).with_source(elapsed)),
+    };
+    let cluster = tokio::time::timeout(
+        options.op_timeout,
+        cmd("INFO").arg("cluster").query_async::<String>(&mut conn),
+    )
+    .await;
+    let cluster_enabled = match cluster {
+        Ok(Ok(text)) => text.lines().any(|l| l.trim() == "cluster_enabled:1"),
+        Ok(Err(e)) if e.kind() != redis::ErrorKind::Io => false,
+        Ok(Err(e)) => return Err(connect_error(addr, e)),
+        Err(elapsed) => return Err(connect_timed_out(addr, options).with_source(elapsed)),
+    };
+    Ok((server, cluster_enabled))
 }
 
 fn connect_error(addr: &str, e: RedisError) -> Error {
@@ -1369,7 +1554,10 @@ mod tests {
     #[tokio::test]
     async fn real_server_errors_are_classified() {
         let b = redis_server().await;
-        let mut conn = b.link.lease().await.unwrap().conn;
+        let Transport::Single(link) = &b.transport else {
+            panic!("KEEL_TEST_REDIS_URL is a single server")
+        };
+        let mut conn = link.lease().await.unwrap().conn;
         let unknown = cmd("KEEL-NO-SUCH-COMMAND")
             .query_async::<()>(&mut conn)
             .await;
