@@ -29,7 +29,9 @@ pub use keel_primitives::{Backend, Embedded, Error, ErrorKind, Namespaced, Resul
 /// | `memory://` | the embedded engine, memory only |
 /// | a path (`./keel-data`, `/var/lib/app`) or `file:PATH` | the embedded engine on disk |
 /// | `redis://…`, `rediss://…` | Redis (feature `redis`) |
+/// | `redis+cluster://host:port,host:port`, `rediss+cluster://…` | Redis Cluster (feature `redis`) |
 /// | `valkey://…`, `valkeys://…` | Valkey (feature `valkey`) |
+/// | `valkey+cluster://host:port,host:port`, `valkeys+cluster://…` | Valkey Cluster (feature `valkey`) |
 /// | `postgres://…`, `postgresql://…` | Postgres (feature `postgres`); the table is created if missing |
 /// | `sled:PATH` | sled (feature `sled`) |
 /// | `redb:PATH` | redb (feature `redb`) |
@@ -54,8 +56,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             let path = rest.trim_start_matches("//").to_owned();
             open_blocking(path, |path| embedded(&path)).await
         }
-        "redis" | "rediss" => redis(url).await,
-        "valkey" | "valkeys" => valkey(url).await,
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => redis(url).await,
+        "valkey" | "valkeys" | "valkey+cluster" | "valkeys+cluster" => valkey(url).await,
         "postgres" | "postgresql" => postgres(url).await,
         "sled" => open_blocking(rest.to_owned(), |path| sled(&path)).await,
         "redb" => open_blocking(rest.to_owned(), |path| redb(&path)).await,

@@ -68,11 +68,15 @@ pub(crate) fn seed_urls(url: &str) -> Option<Result<Vec<String>>> {
 pub(crate) async fn connect(
     seeds: &[String],
     connect_timeout: std::time::Duration,
+    tls_roots: Option<redis::TlsCertificates>,
 ) -> redis::RedisResult<ClusterConnection> {
-    let client = ClusterClient::builder(seeds.iter().map(String::as_str))
+    let mut builder = ClusterClient::builder(seeds.iter().map(String::as_str))
         .connection_timeout(connect_timeout)
-        .tcp_settings(super::link::tcp_settings())
-        .build()?;
+        .tcp_settings(super::link::tcp_settings());
+    if let Some(certificates) = tls_roots {
+        builder = builder.certs(certificates);
+    }
+    let client = builder.build()?;
     client.get_async_connection().await
 }
 

@@ -58,9 +58,9 @@ use redis::{
 };
 
 mod cluster;
-#[cfg(test)]
-mod fault_tests;
 mod link;
+#[cfg(test)]
+mod server_tests;
 
 use link::Link;
 use redis::aio::ConnectionLike;
@@ -172,6 +172,10 @@ pub struct RedisOptions {
     /// What `incr_durable` (the lock's fencing counter) requires before it acknowledges.
     /// Default [`FencingDurability::Aof`] with no replicas.
     pub fencing: FencingDurability,
+    /// For `rediss://` (TLS): a PEM file of the certificate authorities to trust instead of
+    /// the system's (e.g. a private CA). Also settable as `tls_ca_file=PATH` in the URL's
+    /// query. The server's certificate must name the host of the URL either way.
+    pub tls_ca_file: Option<std::path::PathBuf>,
 }
 
 /// How durable `incr_durable` must be on a Redis or Valkey server before it acknowledges.
@@ -216,6 +220,7 @@ impl Default for RedisOptions {
             op_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             fencing: FencingDurability::default(),
+            tls_ca_file: None,
         }
     }
 }
@@ -240,7 +245,8 @@ impl RedisOptions {
     }
 
     /// Applies the keel parameters of a URL's query (`fencing=aof`, `fencing=best-effort`,
-    /// `fencing_replicas=N`) and returns the URL without them, for the client.
+    /// `fencing_replicas=N`, `tls_ca_file=PATH`) and returns the URL without them, for the
+    /// client.
     pub(crate) fn with_url_params(mut self, url: &str) -> Result<(Self, String)> {
         let Some((base, query)) = url.split_once('?') else {
             return Ok((self, url.to_owned()));
@@ -265,6 +271,7 @@ impl RedisOptions {
                         }
                     }
                 }
+                "tls_ca_file" => self.tls_ca_file = Some(std::path::PathBuf::from(value)),
                 "fencing_replicas" => {
                     replicas = Some(value.parse::<u32>().map_err(|_| {
                         Error::new(
@@ -486,7 +493,12 @@ impl RedisBackend {
             .into_connection_info()
             .map_err(bad_url)?
             .set_tcp_settings(link::tcp_settings());
-        let client = Client::open(info).map_err(bad_url)?;
+        let tls_roots = tls_roots(&options, &url)?;
+        let client = match &tls_roots {
+            Some(certificates) => Client::build_with_tls(info, certificates.clone()),
+            None => Client::open(info),
+        }
+        .map_err(bad_url)?;
         let addr = client.get_connection_info().addr().to_string();
         let (server, cluster_enabled) = probe(&client, &addr, &options).await?;
         if cluster_enabled && seeds.is_none() {
@@ -544,7 +556,7 @@ impl RedisBackend {
             .map(|r| r.map(Transport::Single)),
             Some(seeds) => tokio::time::timeout(
                 options.connect_timeout,
-                cluster::connect(seeds, options.connect_timeout),
+                cluster::connect(seeds, options.connect_timeout, tls_roots),
             )
             .await
             .map(|r| r.map(Transport::Cluster)),
@@ -1070,6 +1082,42 @@ impl Backend for RedisBackend {
         let floor = self.clock_floor_ms.fetch_max(server_ms, Ordering::Relaxed);
         Ok(floor.max(server_ms))
     }
+}
+
+/// The trust roots for a TLS URL: the CA file's certificates when one is configured (the
+/// system's are used otherwise); `None` for a plain URL. Installs rustls's ring provider as the
+/// process default if none is installed yet.
+fn tls_roots(options: &RedisOptions, url: &str) -> Result<Option<redis::TlsCertificates>> {
+    let tls = url
+        .get(..9)
+        .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+        || url
+            .get(..17)
+            .is_some_and(|s| s.eq_ignore_ascii_case("rediss+cluster://"));
+    if !tls {
+        if options.tls_ca_file.is_some() {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "tls_ca_file is set but the URL is not a TLS URL; use rediss:// (or valkeys://)",
+            ));
+        }
+        return Ok(None);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(path) = &options.tls_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!("cannot read the TLS CA file {}", path.display()),
+        )
+        .with_source(e)
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
 }
 
 /// Accepts the Valkey spellings of the URL schemes by rewriting them to Redis's.

@@ -1,6 +1,7 @@
-//! Faults a production network has, on scratch Redis and Valkey servers: a path that stops
-//! delivering (frozen by a loopback proxy), and a failover that demotes the primary behind a
-//! stable address. Deterministic: the proxy holds bytes until told, servers are demoted by
+//! Tests against servers this module starts or configures itself: faults a production network
+//! has, on scratch Redis and Valkey servers (a path that stops delivering, frozen by a loopback
+//! proxy; a failover that demotes the primary behind a stable address; a crash restart),
+//! scratch clusters (refusal of a plain URL, resharding), and TLS. Deterministic: the proxy holds bytes until told, servers are demoted by
 //! command, and every wait is a bounded poll for a state, not a sleep hoping for one.
 
 use std::time::Duration;
@@ -384,4 +385,39 @@ async fn redis_cluster_resharding_is_followed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn valkey_cluster_resharding_is_followed() {
     resharding_is_followed(Kind::Valkey).await;
+}
+
+/// `rediss://` with a private CA: the connection works and is checked; without the CA (system
+/// roots) or under a name the certificate does not carry, it is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connects_with_a_private_ca_and_checks_the_certificate() {
+    let url = super::test_server::url(
+        "KEEL_TEST_REDIS_TLS_URL",
+        "rediss://localhost:6390/?tls_ca_file=/path/ca.crt",
+    );
+    let b = RedisBackend::connect(&url).await.unwrap();
+    let key = super::test_server::unique("tls");
+    b.set(&key, b"over tls", Some(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(b.get(&key).await.unwrap(), Some(b"over tls".to_vec()));
+
+    let (base, query) = url.split_once('?').unwrap();
+    let without_ca: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.starts_with("tls_ca_file="))
+        .collect();
+    let untrusted = format!("{base}?{}", without_ca.join("&"));
+    let err = RedisBackend::connect(&untrusted)
+        .await
+        .expect_err("the private CA is not a system root");
+    assert_ne!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    // The certificate names localhost, not 127.0.0.1.
+    let wrong_name = url.replace("localhost", "127.0.0.1");
+    RedisBackend::connect(&wrong_name)
+        .await
+        .expect_err("the certificate does not name 127.0.0.1");
+    // A CA file on a plain URL is a mistake, said at once.
+    let plain = RedisBackend::connect("redis://127.0.0.1:6379/?tls_ca_file=/ca.crt").await;
+    assert_eq!(plain.err().map(|e| e.kind()), Some(ErrorKind::InvalidInput));
 }

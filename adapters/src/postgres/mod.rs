@@ -38,7 +38,12 @@
 //!
 //! # Requirements
 //! PostgreSQL 12 or later (`ON CONFLICT`, `SKIP LOCKED`, `MATERIALIZED`); checked at connect.
-//! Connections are unencrypted: a URL that requires TLS is refused.
+//!
+//! # TLS
+//! `sslmode=require|verify-ca|verify-full` (and `sslrootcert=PATH`) in the URL turn on TLS with
+//! rustls; see the [`tls`] module for what each mode checks.
+
+pub mod tls;
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
@@ -58,7 +63,7 @@ use keel_primitives::{
 };
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row};
@@ -90,6 +95,9 @@ fn server_timeout(op_timeout: Duration) -> Duration {
 const IDENTIFIER_BYTES_MAX: usize = 63;
 /// Appended to the table name to name the sweeper's index.
 const INDEX_SUFFIX: &str = "_expires_at_idx";
+/// Appended to an unlogged table's name to name its logged fence table.
+const FENCE_SUFFIX: &str = "_fence";
+const _: () = assert!(FENCE_SUFFIX.len() <= INDEX_SUFFIX.len());
 /// The longest table name whose index name still fits in an identifier.
 const TABLE_NAME_BYTES_MAX: usize = IDENTIFIER_BYTES_MAX - INDEX_SUFFIX.len();
 const _: () = assert!(TABLE_NAME_BYTES_MAX + INDEX_SUFFIX.len() <= IDENTIFIER_BYTES_MAX);
@@ -114,7 +122,13 @@ pub enum TableDurability {
     /// `CREATE UNLOGGED TABLE`: writes skip the write-ahead log, so they are faster, but after
     /// a crash or unclean shutdown the server empties the table, and standbys never see it
     /// (it cannot be read on a replica nor survive a failover). For caches and rate limits
-    /// that can afford to start empty, never for locks' fencing counters you rely on.
+    /// that can afford to start empty.
+    ///
+    /// Fencing counters (`incr_durable`) stay safe: `ensure_schema` also creates a *logged*
+    /// companion table, `<table>_fence`, holding each counter's floor, written in the same
+    /// durable statement, so after a crash a counter continues above every value it returned
+    /// (the lock's tokens never repeat). On such a table, deleting a counter's key does not
+    /// reset it; letting it expire does.
     Unlogged,
 }
 
@@ -187,6 +201,9 @@ struct TableName {
     quoted: String,
     /// The index's name, `"table_expires_at_idx"` (an index lives in its table's schema).
     index: String,
+    /// The logged companion table of an unlogged table, `"table_fence"`, which keeps the
+    /// floor of every `incr_durable` counter (see [`TableDurability::Unlogged`]).
+    fence: String,
 }
 
 impl TableName {
@@ -212,13 +229,14 @@ impl TableName {
         if !is_identifier(table, TABLE_NAME_BYTES_MAX) {
             return refuse("the table is not a plain identifier of at most 48 bytes");
         }
-        let quoted = match schema {
-            Some(schema) => format!("\"{schema}\".\"{table}\""),
-            None => format!("\"{table}\""),
+        let qualify = |name: &str| match schema {
+            Some(schema) => format!("\"{schema}\".\"{name}\""),
+            None => format!("\"{name}\""),
         };
         Ok(TableName {
-            quoted,
+            quoted: qualify(table),
             index: format!("\"{table}{INDEX_SUFFIX}\""),
+            fence: qualify(&format!("{table}{FENCE_SUFFIX}")),
         })
     }
 }
@@ -305,13 +323,16 @@ struct Sql {
     delete_prefix_bounded: String,
     delete_prefix_unbounded: String,
     sweep: String,
+    /// Deletes expired floors of an unlogged table's fence table.
+    sweep_fence: Option<String>,
     now_ms: String,
 }
 
 impl Sql {
-    fn new(table: &TableName) -> Sql {
+    fn new(table: &TableName, durability: TableDurability) -> Sql {
         use fragment::{INTEGER_RE, LIVE, REMAINING_MS};
         let t = &table.quoted;
+        let fence = (durability == TableDurability::Unlogged).then_some(table.fence.as_str());
         let exp3 = expires_at(3);
         Sql {
             get: format!("SELECT t.value FROM {t} AS t WHERE t.key = $1 AND {LIVE}"),
@@ -350,7 +371,18 @@ impl Sql {
                  SELECT count(*) FROM d AS t WHERE {LIVE}"
             ),
             incr: incr_sql(t, false, INTEGER_RE),
-            incr_durable: incr_sql(t, true, INTEGER_RE),
+            incr_durable: match fence {
+                None => incr_sql(t, true, INTEGER_RE),
+                Some(fence) => incr_fenced_sql(t, fence, INTEGER_RE),
+            },
+            sweep_fence: fence.map(|fence| {
+                format!(
+                    "WITH d AS (DELETE FROM {fence} AS t WHERE t.key = ANY(ARRAY(\
+                       SELECT s.key FROM {fence} AS s WHERE s.expires_at <= now() \
+                       LIMIT $1 FOR UPDATE SKIP LOCKED)) AND t.expires_at <= now() RETURNING 1) \
+                     SELECT count(*) FROM d"
+                )
+            }),
             expire: format!(
                 "UPDATE {t} AS t SET expires_at = {} WHERE t.key = $1 AND {LIVE} RETURNING true",
                 expires_at(2)
@@ -423,6 +455,47 @@ fn incr_sql(t: &str, durable: bool, integer_re: &str) -> String {
          expires_at = CASE WHEN t.expires_at <= now() THEN excluded.expires_at \
            ELSE t.expires_at END \
          RETURNING convert_from(t.value, 'UTF8')::bigint"
+    )
+}
+
+/// `incr_durable` on an unlogged table. The data table forgets everything in a crash, so the
+/// counter's floor is kept in the logged fence table, written in the same statement: the new
+/// value is `max(current, floor) + delta` (`floor + delta` when the row is missing, as after a
+/// crash), and the floor follows it. The transaction writes a logged table with
+/// `synchronous_commit` on, so it is acknowledged only once the floor is on disk: a counter
+/// never returns a value at or below one it returned before, even across a crash restart.
+/// The floor shares the counter's expiry, so an expired counter starts again from zero as
+/// `incr` says; `delete` does not reset it (it keeps the floor).
+fn incr_fenced_sql(t: &str, fence: &str, integer_re: &str) -> String {
+    let exp3 = expires_at(3);
+    let not_an_integer = "convert_to(('keel incr: the stored value is not an integer (' \
+                          || octet_length(t.value) || ' bytes)')::bigint::text, 'UTF8')";
+    let floor = format!(
+        "(SELECT f.floor FROM {fence} AS f WHERE f.key = $1::bytea \
+           AND (f.expires_at IS NULL OR f.expires_at > now()))"
+    );
+    format!(
+        "WITH durable AS (SELECT set_config('synchronous_commit', 'on', true) \
+           WHERE current_setting('synchronous_commit') = 'off'), \
+         up AS (INSERT INTO {t} AS t (key, value, expires_at) \
+           SELECT $1::bytea, convert_to((coalesce({floor}, 0) + $2::bigint)::text, 'UTF8'), {exp3} \
+           FROM (SELECT count(*) FROM durable) AS d \
+           ON CONFLICT (key) DO UPDATE SET \
+           value = CASE \
+             WHEN t.expires_at <= now() THEN excluded.value \
+             WHEN octet_length(t.value) > 20 THEN {not_an_integer} \
+             WHEN encode(t.value, 'escape') !~ '{integer_re}' THEN {not_an_integer} \
+             WHEN encode(t.value, 'escape')::numeric \
+               NOT BETWEEN -9223372036854775808 AND 9223372036854775807 THEN {not_an_integer} \
+             ELSE convert_to((greatest(encode(t.value, 'escape')::bigint, \
+               coalesce({floor}, encode(t.value, 'escape')::bigint)) + $2::bigint)::text, 'UTF8') \
+           END, \
+           expires_at = CASE WHEN t.expires_at <= now() THEN excluded.expires_at \
+             ELSE t.expires_at END \
+           RETURNING convert_from(t.value, 'UTF8')::bigint AS v, t.expires_at AS e), \
+         kept AS (INSERT INTO {fence} AS f (key, floor, expires_at) SELECT $1::bytea, v, e FROM up \
+           ON CONFLICT (key) DO UPDATE SET floor = excluded.floor, expires_at = excluded.expires_at) \
+         SELECT v FROM up"
     )
 }
 
@@ -618,7 +691,10 @@ impl Shared {
     /// Deletes up to `sweep_batch` expired rows; returns how many.
     async fn sweep_once(&self) -> Result<u64> {
         let batch = i64::from(self.options.sweep_batch);
-        let deleted = self.scalar("sweep", &self.sql.sweep, &[&batch]).await?;
+        let mut deleted = self.scalar("sweep", &self.sql.sweep, &[&batch]).await?;
+        if let Some(sweep_fence) = &self.sql.sweep_fence {
+            deleted = deleted.max(self.scalar("sweep", sweep_fence, &[&batch]).await?);
+        }
         Ok(u64::try_from(deleted).unwrap_or(0))
     }
 
@@ -891,13 +967,14 @@ impl PostgresBackend {
     /// Tokio runtime (the pool and the sweeper run on it).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`] for invalid options, an unparsable URL or a URL that
-    /// requires TLS; [`ErrorKind::Transient`] if the server cannot be reached (the message
+    /// [`ErrorKind::InvalidInput`] for invalid options, an unparsable URL, an unknown
+    /// `sslmode` or an unreadable `sslrootcert`; [`ErrorKind::Transient`] if the server cannot be reached (the message
     /// names the host, port, database and user); [`ErrorKind::Timeout`] if it does not answer
     /// within [`PostgresOptions::op_timeout`]; [`ErrorKind::Permanent`] for failed
     /// authentication, a missing database or a server older than PostgreSQL 12.
     pub async fn connect_with(url: &str, options: PostgresOptions) -> Result<Self> {
         let table = options.validate()?;
+        let (url, tls) = tls::split(url)?;
         let mut config: tokio_postgres::Config = url.parse().map_err(|e| {
             Error::new(
                 ErrorKind::InvalidInput,
@@ -905,13 +982,8 @@ impl PostgresBackend {
             )
             .with_source(e)
         })?;
-        if config.get_ssl_mode() == SslMode::Require {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the postgres URL requires TLS (sslmode=require), which this adapter does not \
-                 support; connect over a trusted network or a local TLS-terminating proxy",
-            ));
-        }
+        config.ssl_mode(tls.ssl_mode());
+        let tls_config = tls.client_config()?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(options.op_timeout);
         }
@@ -932,13 +1004,17 @@ impl PostgresBackend {
             config.application_name("keel");
         }
         let target = describe(&config);
-        let manager = Manager::from_config(
-            config,
-            NoTls,
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match tls_config {
+            None => Manager::from_config(config, NoTls, manager_config),
+            Some(tls_config) => Manager::from_config(
+                config,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls_config),
+                manager_config,
+            ),
+        };
         let pids = Arc::new(Pids::default());
         let learn = Arc::clone(&pids);
         let pool = Pool::builder(manager)
@@ -964,7 +1040,7 @@ impl PostgresBackend {
                 .with_source(e)
             })?;
         let shared = Arc::new(Shared {
-            sql: Sql::new(&table),
+            sql: Sql::new(&table, options.durability),
             pool,
             table,
             options,
@@ -1005,13 +1081,23 @@ impl PostgresBackend {
         // advisory lock is held until the schema is committed.
         let limit = shared.options.op_timeout.max(SCHEMA_TIMEOUT_MIN);
         let server_ms = server_timeout(limit).as_millis();
+        // An unlogged table's counters keep their floor in a logged table (see
+        // `TableDurability::Unlogged`).
+        let fence_ddl = match shared.options.durability {
+            TableDurability::Logged => String::new(),
+            TableDurability::Unlogged => format!(
+                " CREATE TABLE IF NOT EXISTS {} (key bytea PRIMARY KEY, floor bigint NOT NULL, \
+                   expires_at timestamptz NULL);",
+                t.fence
+            ),
+        };
         let ddl = format!(
             "SET LOCAL statement_timeout = {server_ms}; SET LOCAL lock_timeout = {server_ms}; \
              SELECT pg_advisory_xact_lock({SCHEMA_LOCK_KEY}); \
              CREATE {unlogged}TABLE IF NOT EXISTS {table} (\
                key bytea PRIMARY KEY, value bytea NOT NULL, expires_at timestamptz NULL); \
              CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at) \
-               WHERE expires_at IS NOT NULL;",
+               WHERE expires_at IS NOT NULL;{fence_ddl}",
             table = t.quoted,
             index = t.index
         );
@@ -1635,7 +1721,8 @@ mod tests {
         }
         for url in [
             "postgres://host:notaport/db",
-            "postgres://h/db?sslmode=require",
+            "postgres://h/db?sslmode=bogus",
+            "postgres://h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
         ] {
             let err = PostgresBackend::connect(url).await.expect_err(url);
             assert_eq!(err.kind(), ErrorKind::InvalidInput, "{url}: {err}");
@@ -1672,7 +1759,7 @@ mod tests {
         }
 
         /// A table name no other test or run uses.
-        fn table(purpose: &str) -> String {
+        pub(super) fn table(purpose: &str) -> String {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos())
@@ -1692,7 +1779,7 @@ mod tests {
             backend
         }
 
-        async fn raw(backend: &PostgresBackend) -> Object {
+        pub(super) async fn raw(backend: &PostgresBackend) -> Object {
             backend.shared.pool.get().await.unwrap()
         }
 
@@ -1706,7 +1793,7 @@ mod tests {
                 .get(0)
         }
 
-        async fn drop_table(backend: &PostgresBackend) {
+        pub(super) async fn drop_table(backend: &PostgresBackend) {
             let sql = format!("DROP TABLE IF EXISTS {}", backend.shared.table.quoted);
             raw(backend).await.batch_execute(&sql).await.unwrap();
         }
@@ -2132,6 +2219,152 @@ mod tests {
                 assert!(Instant::now() < deadline, "no sweep failure was reported");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
+        }
+    }
+
+    /// Tests on the scratch server `scripts/test` starts for them (127.0.0.1:5433, TLS on, its
+    /// own data directory), which they may crash and restart. One at a time: they share it.
+    mod scratch {
+        use super::server::{drop_table, raw, table};
+        use super::*;
+
+        static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+        fn env(var: &str) -> String {
+            match std::env::var(var) {
+                Ok(v) if !v.is_empty() => v,
+                _ => panic!(
+                    "{var} is not set: run scripts/test, which creates the scratch Postgres \
+                     (TLS on, port 5433) these tests crash and restart"
+                ),
+            }
+        }
+
+        fn pg_ctl(args: &[&str]) {
+            let bin = env("KEEL_TEST_PG_BIN");
+            let dir = env("KEEL_TEST_PG_SCRATCH_DIR");
+            let status = std::process::Command::new("runuser")
+                .args(["-u", "postgres", "--", &format!("{bin}/pg_ctl"), "-D", &dir])
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            assert!(status.success(), "pg_ctl {args:?} failed");
+        }
+
+        /// `pg_ctl -m immediate stop` (a crash: no checkpoint, unlogged tables are reset at
+        /// the next start), then a normal start.
+        fn crash_and_restart() {
+            pg_ctl(&["-m", "immediate", "stop"]);
+            let log = format!("{}/server.log", env("KEEL_TEST_PG_SCRATCH_DIR"));
+            pg_ctl(&[
+                "-l",
+                &log,
+                "-w",
+                "-o",
+                "-p 5433 -k /tmp -c listen_addresses=127.0.0.1 -c ssl=on",
+                "start",
+            ]);
+        }
+
+        async fn open(table: &str, durability: TableDurability) -> PostgresBackend {
+            let b = PostgresBackend::connect_with(
+                &env("KEEL_TEST_PG_SCRATCH_URL"),
+                PostgresOptions {
+                    table: table.to_owned(),
+                    durability,
+                    ..PostgresOptions::default()
+                },
+            )
+            .await
+            .unwrap();
+            b.ensure_schema().await.unwrap();
+            b
+        }
+
+        /// The issue's reproduction: five `incr_durable`, an immediate stop, a restart. On an
+        /// unlogged table the data is gone (as unlogged promises) but the counter continues
+        /// from its durable floor; on a logged table it simply continues.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn fencing_counter_survives_a_crash_restart_on_logged_and_unlogged_tables() {
+            let _serial = SERIAL.lock().await;
+            let unlogged_table = table("fence_u");
+            let logged_table = table("fence_l");
+            let unlogged = open(&unlogged_table, TableDurability::Unlogged).await;
+            let logged = open(&logged_table, TableDurability::Logged).await;
+            for expected in 1..=5 {
+                assert_eq!(
+                    unlogged.incr_durable(b"fence", 1, None).await.unwrap(),
+                    expected
+                );
+                assert_eq!(
+                    logged.incr_durable(b"fence", 1, None).await.unwrap(),
+                    expected
+                );
+            }
+            unlogged.set(b"cached", b"v", None).await.unwrap();
+            drop((unlogged, logged));
+            crash_and_restart();
+            let unlogged = open(&unlogged_table, TableDurability::Unlogged).await;
+            let logged = open(&logged_table, TableDurability::Logged).await;
+            assert_eq!(
+                unlogged.get(b"cached").await.unwrap(),
+                None,
+                "the crash emptied it"
+            );
+            assert_eq!(unlogged.incr_durable(b"fence", 1, None).await.unwrap(), 6);
+            assert_eq!(logged.incr_durable(b"fence", 1, None).await.unwrap(), 6);
+            // A plain incr on the emptied table starts over; only durable counters are fenced.
+            assert_eq!(unlogged.incr(b"plain", 1, None).await.unwrap(), 1);
+            drop_table(&unlogged).await;
+            let fence = format!("DROP TABLE {}", unlogged.shared.table.fence);
+            raw(&unlogged).await.batch_execute(&fence).await.unwrap();
+            drop_table(&logged).await;
+        }
+
+        /// `sslmode` with rustls: `require` encrypts, `verify-full` checks the chain and the
+        /// name (the test certificate names localhost only), `verify-ca` only the chain.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn tls_modes_encrypt_and_check_what_they_promise() {
+            let _serial = SERIAL.lock().await;
+            let url = env("KEEL_TEST_PG_SCRATCH_URL");
+            let ca = env("KEEL_TEST_TLS_CA");
+            let uses_tls = |b: PostgresBackend| async move {
+                let client = raw(&b).await;
+                let row = client
+                    .query_one(
+                        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                row.get::<_, bool>(0)
+            };
+            let plain = PostgresBackend::connect(&url).await.unwrap();
+            assert!(!uses_tls(plain).await, "no sslmode: no TLS");
+            for mode in [
+                "sslmode=require".to_owned(),
+                format!("sslmode=verify-full&sslrootcert={ca}"),
+            ] {
+                let b = PostgresBackend::connect(&format!("{url}?{mode}"))
+                    .await
+                    .unwrap();
+                assert!(uses_tls(b).await, "{mode}");
+            }
+            let by_ip = url.replace("localhost", "127.0.0.1");
+            let err =
+                PostgresBackend::connect(&format!("{by_ip}?sslmode=verify-full&sslrootcert={ca}"))
+                    .await
+                    .expect_err("the certificate does not name 127.0.0.1");
+            assert_ne!(err.kind(), ErrorKind::InvalidInput, "{err}");
+            let b =
+                PostgresBackend::connect(&format!("{by_ip}?sslmode=verify-ca&sslrootcert={ca}"))
+                    .await
+                    .unwrap();
+            assert!(uses_tls(b).await, "verify-ca checks the chain only");
+            PostgresBackend::connect(&format!("{url}?sslmode=verify-full"))
+                .await
+                .expect_err("the private CA is not among the system's roots");
         }
     }
 }
