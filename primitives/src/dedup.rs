@@ -314,10 +314,18 @@ impl Dedup {
         key: Vec<u8>,
         lease: Duration,
     ) -> Result<Claim, DedupError> {
-        let nonce: [u8; NONCE_BYTES] = rand::random();
-        let mut value = [0u8; CLAIMED_VALUE_BYTES];
-        value[0] = TAG_CLAIMED;
-        value[1..].copy_from_slice(&nonce);
+        self.claim_as(id, key, claimed_value(), lease).await
+    }
+
+    /// Claims `key` with a claim value chosen by the caller (so [`Dedup::once`] can arm its
+    /// release-on-drop guard before the claim is even sent).
+    async fn claim_as(
+        &self,
+        id: &[u8],
+        key: Vec<u8>,
+        value: [u8; CLAIMED_VALUE_BYTES],
+        lease: Duration,
+    ) -> Result<Claim, DedupError> {
         for _ in 0..CLAIM_ROUNDS_MAX {
             if self.backend.set_nx(&key, &value, Some(lease)).await? {
                 return Ok(Claim::Claimed(Ticket {
@@ -441,6 +449,7 @@ impl Dedup {
     }
 
     async fn finish(&self, ticket: &Ticket, done: &[u8]) -> Result<(), DedupError> {
+        ttl_ms(self.options.retention)?;
         let swapped = self
             .backend
             .compare_and_swap(
@@ -564,14 +573,33 @@ impl Dedup {
             return Err(DedupError::NoRuntime);
         }
         let lease = self.options.lease;
-        let ticket = match self.claim(id, lease).await? {
-            Claim::Claimed(ticket) => ticket,
-            Claim::InProgress => return Ok(Once::InProgress),
-            Claim::Done(result) => return Ok(Once::Done(result)),
-        };
+        let key = key_for(id)?;
+        ttl_ms(lease)?;
+        // The guard is armed before the claim is sent: if this future is dropped while the
+        // `set_nx` is in flight, the claim may land on the store without a ticket coming back,
+        // and the guard's compare-and-delete of this unique value removes exactly that claim
+        // (or nothing).
+        let value = claimed_value();
         let mut guard = ReleaseOnDrop {
             backend: Arc::clone(&self.backend),
-            ticket: Some(ticket.clone()),
+            ticket: Some(Ticket {
+                id: id.to_vec(),
+                key: key.clone(),
+                value,
+            }),
+        };
+        let ticket = match self.claim_as(id, key, value, lease).await {
+            Ok(Claim::Claimed(ticket)) => ticket,
+            Ok(Claim::InProgress) => {
+                guard.disarm();
+                return Ok(Once::InProgress);
+            }
+            Ok(Claim::Done(result)) => {
+                guard.disarm();
+                return Ok(Once::Done(result));
+            }
+            // Unknown whether the claim landed: the guard removes it if it did.
+            Err(e) => return Err(e),
         };
         let body = CatchUnwind::new(async move { work().await });
         tokio::pin!(body);
@@ -648,6 +676,15 @@ impl Drop for ReleaseOnDrop {
             });
         }
     }
+}
+
+/// A fresh claim value: the tag and a 128-bit nonce from the thread's CSPRNG.
+fn claimed_value() -> [u8; CLAIMED_VALUE_BYTES] {
+    let nonce: [u8; NONCE_BYTES] = rand::random();
+    let mut value = [0u8; CLAIMED_VALUE_BYTES];
+    value[0] = TAG_CLAIMED;
+    value[1..].copy_from_slice(&nonce);
+    value
 }
 
 /// Polls every future concurrently on the calling task; outputs in input order.
