@@ -317,7 +317,9 @@ async fn run(config: Config) -> Result<(), String> {
          Redis: {}; Postgres: {}",
         config.plan.run_for.as_secs_f64(),
         config.plan.warmup.as_millis(),
-        redis.as_ref().map_or_else(|e| e.clone(), |s| s.config.clone()),
+        redis
+            .as_ref()
+            .map_or_else(|e| e.clone(), |s| s.config.clone()),
         pg.as_ref().map_or_else(|e| e.clone(), |v| v.clone()),
     );
     let nonce = run_nonce();

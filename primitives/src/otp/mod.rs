@@ -63,7 +63,9 @@
 //!   hash (32) ‖ issued at, Unix ms (u64 LE) ‖ expires at, Unix ms (u64 LE). TTL: the longer
 //!   of the code's TTL and the resend cooldown.
 //! - `otp:att:{purpose}:{tag}:{nonce}`: attempts on that one code (decimal, `incr`), TTL the
-//!   code's TTL. A new code has a new nonce, hence a fresh counter.
+//!   code's TTL. A new code has a new nonce, hence a fresh counter. `otp:att:{purpose}:{tag}:-`
+//!   counts verifications that found no code: a stand-in write, so that path costs the same
+//!   round trips as a wrong guess.
 //! - `otp:sent:{tag}:{window}`: codes issued to the subject in one resend window (all
 //!   purposes), TTL two windows.
 //! - `otp:fail:{tag}`: the subject's consecutive counted verifications without a success (all
@@ -602,12 +604,18 @@ impl Otp {
         }
     }
 
-    fn keys(&self, subject: &[u8], purpose: &str) -> Result<Keys, OtpError> {
+    /// The subject's keyed tag (validated first).
+    fn tag(&self, subject: &[u8]) -> Result<[u8; TAG_BYTES], OtpError> {
         validate_subject(subject)?;
-        validate_purpose(purpose)?;
         let full = blake3::keyed_hash(&self.secret.subject_key, subject);
         let mut tag = [0u8; TAG_BYTES];
         tag.copy_from_slice(&full.as_bytes()[..TAG_BYTES]);
+        Ok(tag)
+    }
+
+    fn keys(&self, subject: &[u8], purpose: &str) -> Result<Keys, OtpError> {
+        let tag = self.tag(subject)?;
+        validate_purpose(purpose)?;
         let tag_hex = hex(&tag);
         let code = format!("{KEY_PREFIX_CODE}{purpose}:{tag_hex}").into_bytes();
         Ok(Keys { tag_hex, tag, code })
@@ -778,13 +786,21 @@ impl Otp {
         }
 
         let now = self.now_ms().await?;
-        let Some(raw) = self.backend.get(&keys.code).await? else {
+        let live = match self.backend.get(&keys.code).await? {
+            Some(raw) => {
+                let record = Record::decode(&raw)?;
+                (now < record.expires_at_ms).then_some((raw, record))
+            }
+            None => None,
+        };
+        let Some((raw, record)) = live else {
+            // No code: count into a stand-in counter anyway, so this path makes the same
+            // round trips as a wrong guess and its timing does not tell the two apart.
+            let stand_in =
+                format!("{KEY_PREFIX_ATTEMPTS}{purpose}:{}:-", keys.tag_hex).into_bytes();
+            self.backend.incr(&stand_in, 1, Some(options.ttl)).await?;
             return Ok(Verification::ExpiredOrUnknown);
         };
-        let record = Record::decode(&raw)?;
-        if now >= record.expires_at_ms {
-            return Ok(Verification::ExpiredOrUnknown);
-        }
         let attempts_key = format!(
             "{KEY_PREFIX_ATTEMPTS}{purpose}:{}:{}",
             keys.tag_hex,
@@ -825,8 +841,8 @@ impl Otp {
     /// # Errors
     /// [`OtpError::Invalid`] for a bad subject; [`OtpError::Backend`].
     pub async fn reset_failures(&self, subject: impl AsRef<[u8]>) -> Result<(), OtpError> {
-        let keys = self.keys(subject.as_ref(), "x")?;
-        let fail_key = format!("{KEY_PREFIX_FAILURES}{}", keys.tag_hex).into_bytes();
+        let tag = self.tag(subject.as_ref())?;
+        let fail_key = format!("{KEY_PREFIX_FAILURES}{}", hex(&tag)).into_bytes();
         self.backend.delete(&fail_key).await?;
         Ok(())
     }

@@ -55,7 +55,8 @@ use super::{Clock, OtpError, SUBJECT_BYTES_MAX, invalid};
 use crate::backend::{Backend, TtlPolicy};
 use crate::error::{Error, ErrorKind};
 
-/// Fewest and most digits a code may have (RFC 4226 asks for 6 to 8... and allows more).
+/// Fewest and most digits a code may have (RFC 4226 requires at least 6; the truncated
+/// 31-bit value fills at most 9 decimal digits).
 pub const DIGITS_MIN: u32 = 6;
 /// See [`DIGITS_MIN`].
 pub const DIGITS_MAX: u32 = 9;
