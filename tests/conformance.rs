@@ -2,6 +2,9 @@
 //! backend-by-backend list; each also writes its per-case table to
 //! `target/conformance/<backend>.txt`, which the test script prints as a matrix.
 //!
+//! `KEEL_CONFORMANCE_CASES=dedup_,otp_` limits every backend to the cases whose names start
+//! with one of the prefixes (to repeat an area's concurrency cases many times).
+//!
 //! Server backends read their URL from `KEEL_TEST_REDIS_URL`, `KEEL_TEST_VALKEY_URL`,
 //! `KEEL_TEST_POSTGRES_URL`, `KEEL_TEST_REDIS_CLUSTER_URL`, `KEEL_TEST_VALKEY_CLUSTER_URL` (the
 //! test script sets them). A server backend whose URL is unset
@@ -13,7 +16,18 @@ use std::sync::Arc;
 use keel_primitives::{Backend, Embedded, conformance};
 
 async fn check(backend: Arc<dyn Backend>, label: &str) {
-    let report = conformance::run(backend).await;
+    // `KEEL_CONFORMANCE_CASES=dedup_,otp_` runs only the cases starting with one of the given
+    // prefixes (to repeat one area many times); unset or empty runs the whole suite.
+    let only: Vec<String> = std::env::var("KEEL_CONFORMANCE_CASES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let report = conformance::run_matching(backend, |name| {
+        only.is_empty() || only.iter().any(|p| name.starts_with(p.as_str()))
+    })
+    .await;
     let table = report.render();
     println!("{table}");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/conformance");

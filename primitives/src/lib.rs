@@ -11,10 +11,12 @@
 //! codes, and tower layers) land module by module on this contract.
 
 pub mod backend;
+pub mod dedup;
 mod embedded;
 mod error;
 pub mod lock;
 mod namespace;
+pub mod otp;
 pub mod ratelimit;
 
 #[cfg(feature = "conformance")]

@@ -767,13 +767,13 @@ impl LeaseWatch {
 }
 
 /// Polls a future, turning a panic into an `Err` so the lock can be released before the panic
-/// continues.
-struct CatchUnwind<F> {
+/// continues. Shared with `dedup::Dedup::once`, which releases its claim the same way.
+pub(crate) struct CatchUnwind<F> {
     inner: Pin<Box<F>>,
 }
 
 impl<F> CatchUnwind<F> {
-    fn new(inner: F) -> Self {
+    pub(crate) fn new(inner: F) -> Self {
         CatchUnwind {
             inner: Box::pin(inner),
         }

@@ -115,16 +115,20 @@ macro_rules! case {
     };
 }
 
+mod dedup;
 mod kv;
 mod lock;
+mod otp;
 mod ratelimit;
 
-/// Every case, in the order they run: one module per area (`kv`, `lock`, `ratelimit`, ...),
+/// Every case, in the order they run: one module per area (`kv`, `lock`, `ratelimit`, `dedup`, `otp`, ...),
 /// each case named `<area>_<behaviour>`.
 pub fn cases() -> Vec<Case> {
     let mut all = kv::cases();
     all.extend(lock::cases());
     all.extend(ratelimit::cases());
+    all.extend(dedup::cases());
+    all.extend(otp::cases());
     all
 }
 
@@ -132,13 +136,19 @@ static RUN: AtomicU64 = AtomicU64::new(0);
 
 /// Runs every case on `backend` (each under a fresh prefix, with a 120 s limit) and reports.
 pub async fn run(backend: Arc<dyn Backend>) -> Report {
+    run_matching(backend, |_| true).await
+}
+
+/// Runs the cases whose name `select` accepts (e.g. one area, to repeat its concurrency cases
+/// many times) and reports only those.
+pub async fn run_matching(backend: Arc<dyn Backend>, select: impl Fn(&str) -> bool) -> Report {
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
     let run_id = RUN.fetch_add(1, Ordering::Relaxed);
     let mut results = Vec::new();
-    for case in cases() {
+    for case in cases().into_iter().filter(|c| select(c.name)) {
         let ctx = Ctx {
             b: Arc::clone(&backend),
             prefix: format!("keel-conformance:{nonce:x}:{run_id}:{}:", case.name).into_bytes(),
