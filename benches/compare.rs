@@ -1364,6 +1364,17 @@ async fn run(config: Config, workers: usize) -> Result<(), String> {
         };
         started_servers.push((label, server));
     }
+    let mut clusters: Vec<(&'static str, Result<servers::Cluster, String>)> = Vec::new();
+    for (label, bin) in [
+        ("Redis Cluster everysec", &redis_bin),
+        ("Valkey Cluster everysec", &valkey_bin),
+    ] {
+        let cluster = match bin {
+            Ok(bin) => servers::start_cluster(bin, "everysec", &config.scratch).await,
+            Err(why) => Err(why.clone()),
+        };
+        clusters.push((label, cluster));
+    }
     let (pg_url, pg) = match servers::postgres_url() {
         Ok(url) => {
             let prepared =
@@ -1429,6 +1440,22 @@ async fn run(config: Config, workers: usize) -> Result<(), String> {
         Target {
             label: "Valkey everysec",
             kind: server_kind(3, Kind::Valkey),
+        },
+        Target {
+            label: "Redis Cluster everysec",
+            kind: match &clusters[0].1 {
+                Ok(c) => Ok(Kind::Redis(c.url.clone())),
+                Err(why) => Err(format!("unavailable: {why}")),
+            },
+        },
+        Target {
+            label: "Valkey Cluster everysec",
+            kind: match &clusters[1].1 {
+                Ok(c) => Ok(Kind::Valkey(
+                    c.url.replace("redis+cluster://", "valkey+cluster://"),
+                )),
+                Err(why) => Err(format!("unavailable: {why}")),
+            },
         },
         Target {
             label: "Postgres logged",
@@ -1498,8 +1525,16 @@ async fn run(config: Config, workers: usize) -> Result<(), String> {
             Err(why) => println!("- {label}: unavailable: {why}"),
         }
     }
+    for (label, cluster) in &clusters {
+        match cluster {
+            Ok(c) => println!("- {label}: started by the harness, {}", c.config),
+            Err(why) => println!("- {label}: unavailable: {why}"),
+        }
+    }
     println!(
-        "- Redis/Valkey adapter: one multiplexed connection (concurrent callers are pipelined on it)"
+        "- Redis/Valkey adapter: one multiplexed connection (concurrent callers are pipelined on it); \
+         on a cluster, the cluster client's connection per primary; fencing counters: Redis 7.0 has \
+         no WAITAOF, so plain INCRBY (fencing=best-effort); Valkey: INCRBY + WAITAOF (durable)"
     );
     match &pg {
         Ok(version) => println!(
@@ -1575,6 +1610,7 @@ async fn run(config: Config, workers: usize) -> Result<(), String> {
         eprintln!("[compare] could not drop the benchmark tables: {why}");
     }
     drop(started_servers);
+    drop(clusters);
     println!("\ntotal time: {}", secs(started.elapsed()));
     Ok(())
 }

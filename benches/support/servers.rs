@@ -140,6 +140,16 @@ pub async fn start_redis_like(
     fsync: &str,
     scratch: &Path,
 ) -> Result<Server, String> {
+    start_redis_like_with(binary, fsync, scratch, &[]).await
+}
+
+/// [`start_redis_like`] with `extra` flags.
+async fn start_redis_like_with(
+    binary: &Path,
+    fsync: &str,
+    scratch: &Path,
+    extra: &[&str],
+) -> Result<Server, String> {
     let dir = tempfile::Builder::new()
         .prefix("server-")
         .tempdir_in(scratch)
@@ -170,6 +180,7 @@ pub async fn start_redis_like(
     .map(str::to_owned);
     let child = Command::new(binary)
         .args(&flags)
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -211,6 +222,100 @@ pub async fn start_redis_like(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A cluster of three primaries started by the harness.
+pub struct Cluster {
+    /// `redis+cluster://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/`.
+    pub url: String,
+    /// How it was started, for the report.
+    pub config: String,
+    _nodes: Vec<Server>,
+}
+
+/// Starts three `binary` nodes in cluster mode (as [`start_redis_like`], plus
+/// `--cluster-enabled yes`), gives each a third of the slots, joins them, and waits until the
+/// cluster reports `cluster_state:ok`.
+pub async fn start_cluster(binary: &Path, fsync: &str, scratch: &Path) -> Result<Cluster, String> {
+    let extra = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        "nodes.conf",
+    ];
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(start_redis_like_with(binary, fsync, scratch, &extra).await?);
+    }
+    let ranges = [(0, 5460), (5461, 10922), (10923, 16383)];
+    let mut conns = Vec::new();
+    for node in &nodes {
+        let client = redis::Client::open(node.url.as_str()).map_err(|e| e.to_string())?;
+        conns.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let ports: Vec<u16> = nodes
+        .iter()
+        .map(|n| {
+            n.url
+                .trim_start_matches("redis://127.0.0.1:")
+                .trim_end_matches('/')
+                .parse()
+                .unwrap_or(0)
+        })
+        .collect();
+    for (conn, (first, last)) in conns.iter_mut().zip(ranges) {
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(first)
+            .arg(last)
+            .query_async::<()>(conn)
+            .await
+            .map_err(|e| format!("CLUSTER ADDSLOTSRANGE: {e}"))?;
+    }
+    for port in &ports[1..] {
+        redis::cmd("CLUSTER")
+            .arg("MEET")
+            .arg("127.0.0.1")
+            .arg(*port)
+            .query_async::<()>(&mut conns[0])
+            .await
+            .map_err(|e| format!("CLUSTER MEET: {e}"))?;
+    }
+    let started = Instant::now();
+    for conn in &mut conns {
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(conn)
+                .await
+                .map_err(|e| e.to_string())?;
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            if started.elapsed() > READY_WAIT * 3 {
+                return Err("the cluster did not reach cluster_state:ok in 30 s".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    Ok(Cluster {
+        url: format!("redis+cluster://{}/", hosts.join(",")),
+        config: format!(
+            "3 primaries (ports {}), --appendonly yes --appendfsync {fsync}, no replicas",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _nodes: nodes,
+    })
 }
 
 async fn ping(url: &str) -> Result<(), String> {
