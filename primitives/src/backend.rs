@@ -33,9 +33,19 @@
 //!   the process's (monotonic-floored) for embedded backends. Primitives that compare times
 //!   across application nodes (rate limiters, lock deadlines) use it, so skew between the
 //!   nodes' own clocks does not matter.
+//! - **Timeouts and cancellation.** Network backends bound every operation by their
+//!   `op_timeout`. An operation that fails with [`ErrorKind::Timeout`] (or any error), or whose
+//!   future the caller drops, has either taken effect before the error was returned (or the
+//!   future dropped) or never will: it never takes effect after a later operation of the same
+//!   handle was acknowledged, and it never leaves a busy connection to another caller. Whether
+//!   it took effect is unknown; retrying an idempotent write is safe. (On a Redis/Valkey
+//!   Cluster, the cluster client owns the per-node connections: the bound holds, the ordering
+//!   guarantee is the single-server adapters'.)
 //! - **Durability**: an acknowledged write is as durable as the backend is configured to be.
 //!   `incr_durable` is acknowledged only once durable even where the configured default is
-//!   relaxed (the embedded engine's `Periodic`); fencing counters use it.
+//!   relaxed (the embedded engine's `Periodic`, Redis/Valkey `appendfsync everysec` through
+//!   `WAITAOF`, an unlogged Postgres table through its logged floor table); a backend that
+//!   cannot make it durable fails with a typed error instead. Fencing counters use it.
 
 use std::time::Duration;
 

@@ -2196,6 +2196,34 @@ mod tests {
             drop_table(&direct).await;
         }
 
+        /// A pooled connection that finds itself on a read-only server (a failover left it on
+        /// a standby: SQLSTATE 25006) is not reused: the write fails as transient and the
+        /// next call gets a fresh connection. Here the connection's session is made read-only,
+        /// which is what a demoted primary looks like to it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn read_only_connection_is_replaced() {
+            let b = backend(PostgresOptions {
+                table: table("read_only"),
+                pool_size: 1,
+                ..PostgresOptions::default()
+            })
+            .await;
+            let pooled = raw(&b).await;
+            pooled
+                .batch_execute("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+                .await
+                .unwrap();
+            drop(pooled);
+            let err = b
+                .set(b"k", b"v", None)
+                .await
+                .expect_err("read-only session");
+            assert_eq!(err.kind(), ErrorKind::Transient, "{err}");
+            b.set(b"k", b"v", None).await.unwrap();
+            assert_eq!(b.get(b"k").await.unwrap(), Some(b"v".to_vec()));
+            drop_table(&b).await;
+        }
+
         /// Sweeps that fail are counted and their error kept, not swallowed.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn failing_sweeps_are_reported() {
