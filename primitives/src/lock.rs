@@ -31,7 +31,8 @@
 //! ```
 //!
 //! # Layout
-//! For a lock named `name` (arbitrary bytes):
+//! For a lock named `name` (arbitrary bytes; the braces are literal, a Redis Cluster hash tag
+//! that keeps both keys of a lock in one slot):
 //! - `lock:{name}` holds the current owner, with the lease's TTL. While an acquisition is in
 //!   progress the value is the 16-byte owner token alone; once the fencing token is known it is
 //!   `owner token (16 bytes) || fencing token (u64, 8 bytes little-endian)`, 24 bytes.
@@ -102,9 +103,9 @@ const FENCE_BYTES: usize = 8;
 /// Length of a confirmed lock key's value: owner token then fencing token.
 const LOCK_VALUE_BYTES: usize = OWNER_TOKEN_BYTES + FENCE_BYTES;
 
-/// Prefix of lock keys: `lock:{name}`.
+/// Prefix of lock keys: `lock:{name}` (with literal braces).
 pub const LOCK_KEY_PREFIX: &[u8] = b"lock:";
-/// Prefix of fencing counters: `lock-fence:{name}`.
+/// Prefix of fencing counters: `lock-fence:{name}` (with literal braces).
 pub const FENCE_COUNTER_PREFIX: &[u8] = b"lock-fence:";
 /// Prefix of the keys where a [`Fence`] records the highest token per resource.
 pub const FENCE_RESOURCE_PREFIX: &[u8] = b"fence:";
@@ -387,8 +388,8 @@ impl Lock {
     }
 
     async fn attempt(&self, name: &[u8], ttl: Duration) -> Result<Option<Lease>, LockError> {
-        let key = prefixed(LOCK_KEY_PREFIX, name);
-        let fence_key = prefixed(FENCE_COUNTER_PREFIX, name);
+        let key = tagged(LOCK_KEY_PREFIX, name);
+        let fence_key = tagged(FENCE_COUNTER_PREFIX, name);
         let owner: [u8; OWNER_TOKEN_BYTES] = rand::random();
         let started = Instant::now();
         if !self.backend.set_nx(&key, &owner, Some(ttl)).await? {
@@ -457,6 +458,19 @@ impl Lock {
     async fn abandon(&self, key: &[u8], value: &[u8]) {
         let _ = self.backend.compare_and_delete(key, value).await;
     }
+}
+
+/// `prefix{name}`: the braces are a Redis Cluster hash tag, so a lock's lease key and its
+/// fencing counter always hash to the same slot (whatever bytes the name holds, the text from
+/// the first `{` to the next `}` is the same in both keys) and a future multi-key operation on
+/// the pair stays on one node. (An empty name has an empty tag, which clusters ignore.)
+fn tagged(prefix: &[u8], name: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + name.len() + 2);
+    key.extend_from_slice(prefix);
+    key.push(b'{');
+    key.extend_from_slice(name);
+    key.push(b'}');
+    key
 }
 
 fn prefixed(prefix: &[u8], name: &[u8]) -> Vec<u8> {
@@ -935,15 +949,18 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        let stored = b.get(b"lock:job").await.unwrap().unwrap();
+        let stored = b.get(b"lock:{job}").await.unwrap().unwrap();
         assert_eq!(stored.len(), LOCK_VALUE_BYTES);
         assert_eq!(stored[..OWNER_TOKEN_BYTES], lease.owner_token());
         assert_eq!(stored[OWNER_TOKEN_BYTES..], 1u64.to_le_bytes());
-        assert_eq!(b.get(b"lock-fence:job").await.unwrap(), Some(b"1".to_vec()));
-        assert!(lease.release().await.unwrap());
-        assert_eq!(b.get(b"lock:job").await.unwrap(), None);
         assert_eq!(
-            b.get(b"lock-fence:job").await.unwrap(),
+            b.get(b"lock-fence:{job}").await.unwrap(),
+            Some(b"1".to_vec())
+        );
+        assert!(lease.release().await.unwrap());
+        assert_eq!(b.get(b"lock:{job}").await.unwrap(), None);
+        assert_eq!(
+            b.get(b"lock-fence:{job}").await.unwrap(),
             Some(b"1".to_vec()),
             "kept"
         );
@@ -973,20 +990,20 @@ mod tests {
             Err(LockError::Backend(e)) => assert_eq!(e.kind(), ErrorKind::InvalidInput),
             other => panic!("expected InvalidInput, got {other:?}"),
         }
-        assert_eq!(b.get(b"lock-fence:x").await.unwrap(), None);
+        assert_eq!(b.get(b"lock-fence:{x}").await.unwrap(), None);
     }
 
     #[tokio::test]
     async fn corrupt_fence_counter_fails_the_acquisition_and_frees_the_key() {
         let b = backend();
-        b.set(b"lock-fence:x", b"-5", None).await.unwrap();
+        b.set(b"lock-fence:{x}", b"-5", None).await.unwrap();
         let lock = Lock::new(Arc::clone(&b));
         match lock.try_acquire("x", Duration::from_secs(10)).await {
             Err(LockError::Backend(e)) => assert_eq!(e.kind(), ErrorKind::Corruption),
             other => panic!("expected Corruption, got {other:?}"),
         }
         assert_eq!(
-            b.get(b"lock:x").await.unwrap(),
+            b.get(b"lock:{x}").await.unwrap(),
             None,
             "the pending hold was abandoned"
         );
@@ -1029,7 +1046,7 @@ mod tests {
             "the panic continues after the release"
         );
         assert_eq!(
-            b.get(b"lock:scoped").await.unwrap(),
+            b.get(b"lock:{scoped}").await.unwrap(),
             None,
             "released before it went on"
         );
@@ -1046,7 +1063,7 @@ mod tests {
         })
         .await;
         assert!(joined.is_err_and(|e| e.is_panic()));
-        assert_eq!(b.get(b"lock:scoped").await.unwrap(), None);
+        assert_eq!(b.get(b"lock:{scoped}").await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -1070,7 +1087,7 @@ mod tests {
             shared: Arc::new(Shared {
                 backend: backend(),
                 name: b"x".to_vec(),
-                key: b"lock:x".to_vec(),
+                key: b"lock:{x}".to_vec(),
                 value: [0; LOCK_VALUE_BYTES],
                 token: 1,
                 state,

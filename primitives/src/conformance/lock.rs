@@ -105,7 +105,7 @@ async fn lock_stale_holder_cannot_release_or_extend(c: Ctx) {
         "releasing a lost lease reports false"
     );
     let stored = b
-        .get(b"lock:job")
+        .get(b"lock:{job}")
         .await
         .unwrap()
         .expect("the new holder's key survives");
@@ -114,18 +114,18 @@ async fn lock_stale_holder_cannot_release_or_extend(c: Ctx) {
         stored[OWNER_TOKEN_BYTES..],
         current.fencing_token().to_le_bytes()
     );
-    match b.ttl(b"lock:job").await.unwrap() {
+    match b.ttl(b"lock:{job}").await.unwrap() {
         Ttl::Remaining(d) => assert!(d > Duration::from_secs(20), "TTL disturbed: {d:?}"),
         other => panic!("the new holder's TTL is gone: {other:?}"),
     }
     current.extend(Duration::from_secs(60)).await.unwrap();
     assert!(current.remaining() > Duration::from_secs(50));
-    match b.ttl(b"lock:job").await.unwrap() {
+    match b.ttl(b"lock:{job}").await.unwrap() {
         Ttl::Remaining(d) => assert!(d > Duration::from_secs(50), "extend did not extend: {d:?}"),
         other => panic!("extend lost the TTL: {other:?}"),
     }
     assert!(current.release().await.unwrap());
-    assert_eq!(b.get(b"lock:job").await.unwrap(), None);
+    assert_eq!(b.get(b"lock:{job}").await.unwrap(), None);
     // Expired with nobody else holding it: extend still fails, and says so.
     let lapsed = lock.try_acquire("alone", ms(200)).await.unwrap().unwrap();
     let_expire(ms(200)).await;
@@ -162,7 +162,7 @@ async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
         }
     }
     assert_eq!(
-        b.ttl(b"lock-fence:fenced").await.unwrap(),
+        b.ttl(b"lock-fence:{fenced}").await.unwrap(),
         Ttl::NoExpiry,
         "the fencing counter must never expire"
     );
@@ -273,7 +273,7 @@ async fn lock_auto_renew_keeps_the_lease_and_reports_loss(c: Ctx) {
     );
     // The key disappears behind the holder's back (an operator, a failover) and someone else
     // takes the lock: the next renewal finds out and reports the loss.
-    assert!(b.delete(b"lock:renewed").await.unwrap());
+    assert!(b.delete(b"lock:{renewed}").await.unwrap());
     let thief = other
         .try_acquire("renewed", Duration::from_secs(30))
         .await
@@ -290,7 +290,7 @@ async fn lock_auto_renew_keeps_the_lease_and_reports_loss(c: Ctx) {
     ));
     assert!(!lease.release().await.unwrap());
     let stored = b
-        .get(b"lock:renewed")
+        .get(b"lock:{renewed}")
         .await
         .unwrap()
         .expect("the new holder keeps the lock");
@@ -307,7 +307,7 @@ async fn lock_with_lock_releases_on_success_error_and_cancel(c: Ctx) {
         lock.with_lock("scoped", ttl, |lease| async move {
             assert!(!lease.is_lost());
             assert!(
-                b.get(b"lock:scoped").await.unwrap().is_some(),
+                b.get(b"lock:{scoped}").await.unwrap().is_some(),
                 "held while running"
             );
             lease.fencing_token()
@@ -317,7 +317,7 @@ async fn lock_with_lock_releases_on_success_error_and_cancel(c: Ctx) {
     };
     assert_eq!(seen, 1);
     assert_eq!(
-        b.get(b"lock:scoped").await.unwrap(),
+        b.get(b"lock:{scoped}").await.unwrap(),
         None,
         "released after success"
     );
@@ -328,7 +328,7 @@ async fn lock_with_lock_releases_on_success_error_and_cancel(c: Ctx) {
         .unwrap();
     assert_eq!(failed, Err("boom"));
     assert_eq!(
-        b.get(b"lock:scoped").await.unwrap(),
+        b.get(b"lock:{scoped}").await.unwrap(),
         None,
         "released after an error"
     );
