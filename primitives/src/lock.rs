@@ -48,9 +48,11 @@
 //! [`Namespaced`](crate::Namespaced).
 //!
 //! # Acquisition order, and why the tokens are safe
-//! 1. Take `Instant::now()` (the lease's deadline will be this plus the TTL: measured from
-//!    *before* the request, so it is conservative: the key cannot outlive it on the server
-//!    unless the server's clock runs slower than ours).
+//! 1. Take `Instant::now()`. The lease's local deadline will be this plus the TTL minus a
+//!    drift margin ([`drift_margin`]: 1% + 2 ms). Measuring from *before* the request means
+//!    the server's TTL started no earlier than our clock did; the danger is a server clock
+//!    that runs *faster* than ours, which would expire the key (and let another owner in)
+//!    before our deadline: the margin covers a drift of up to 1%.
 //! 2. `set_nx(lock:{name}, owner, ttl)`. Failure: the lock is held; nothing else was written.
 //! 3. `incr_durable(lock-fence:{name}, 1)`: the fencing token, acknowledged only once durable.
 //! 4. `compare_and_swap(lock:{name}, owner → owner || token, TtlPolicy::Keep)`. Failure means
@@ -69,7 +71,11 @@
 //! Tokens survive expiry (the counter has no TTL) and restarts of a durable backend
 //! (`incr_durable` is durable before it returns, even when the embedded store runs with
 //! `Durability::Periodic`). A TTL must comfortably exceed three round trips to the backend, or
-//! step 4 keeps failing.
+//! step 4 fails with [`LockError::TtlTooShort`].
+//!
+//! An acquisition cancelled at any of its await points (its future dropped by a caller's
+//! timeout) leaves no hold behind: a guard armed before step 2 deletes, in the background and
+//! by exact value, whatever the attempt may already hold.
 //!
 //! # Releasing and extending
 //! [`Lease::release`] is `compare_and_delete` on the exact stored value and [`Lease::extend`] is
@@ -169,6 +175,21 @@ pub enum LockError {
         resource: String,
         /// Rounds tried.
         attempts: u32,
+    },
+    /// The lock's TTL ran out before the acquisition could confirm it: the TTL is shorter
+    /// than the few round trips an acquisition takes (here `took`). Nothing is held; use a
+    /// longer TTL.
+    #[error(
+        "lock {name:?}: the TTL of {ttl:?} expired before the acquisition was confirmed (it \
+         took {took:?}); use a TTL of several round trips at least"
+    )]
+    TtlTooShort {
+        /// The lock's name (lossy UTF-8).
+        name: String,
+        /// The TTL asked for.
+        ttl: Duration,
+        /// How long the attempt took.
+        took: Duration,
     },
     /// The operation needs a Tokio runtime (to wait, renew or release in the background) and
     /// was called outside one. Nothing was written.
@@ -353,16 +374,51 @@ impl Lock {
     ///
     /// `f` receives a [`LeaseWatch`] with the fencing token (pass it to the protected resource)
     /// and a way to learn that the lease was lost while `f` runs. `f` is not cancelled when the
-    /// lease is lost: it should watch for that or rely on fencing. A release that fails or
-    /// finds the lease already lost is not reported here (the key then expires with its TTL).
+    /// lease is lost (see [`Lock::with_lock_or_cancel`] for that), but the loss is reported:
+    /// if the lease was found lost while `f` ran or at the release, the call returns
+    /// [`LockError::Lost`] instead of `f`'s output, because `f`'s work may have overlapped
+    /// another holder's. A release that fails on a backend error is not reported (the lease's
+    /// drop retries in the background, and the TTL bounds the rest).
     ///
     /// # Errors
-    /// As [`Lock::acquire`]; `f`'s own output is returned as is.
+    /// As [`Lock::acquire`]; [`LockError::Lost`] as above. `f`'s own output is returned as is.
     pub async fn with_lock<F, Fut, T>(
         &self,
         name: impl AsRef<[u8]>,
         ttl: Duration,
         f: F,
+    ) -> Result<T, LockError>
+    where
+        F: FnOnce(LeaseWatch) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.scoped(name.as_ref(), ttl, f, false).await
+    }
+
+    /// [`Lock::with_lock`], but `f` is cancelled (its future dropped at its next await point)
+    /// as soon as the lease is known lost, and the call returns [`LockError::Lost`].
+    ///
+    /// # Errors
+    /// As [`Lock::with_lock`].
+    pub async fn with_lock_or_cancel<F, Fut, T>(
+        &self,
+        name: impl AsRef<[u8]>,
+        ttl: Duration,
+        f: F,
+    ) -> Result<T, LockError>
+    where
+        F: FnOnce(LeaseWatch) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.scoped(name.as_ref(), ttl, f, true).await
+    }
+
+    async fn scoped<F, Fut, T>(
+        &self,
+        name: &[u8],
+        ttl: Duration,
+        f: F,
+        cancel_on_loss: bool,
     ) -> Result<T, LockError>
     where
         F: FnOnce(LeaseWatch) -> Fut,
@@ -375,15 +431,26 @@ impl Lock {
         let mut lease = self.acquire(name, ttl).await?;
         lease.auto_renew()?;
         let watch = lease.watch();
+        let lost = lease.watch();
         // `f` is called inside the first poll so a panic while building its future is caught
         // too. If this whole future is dropped, `lease`'s Drop releases the lock.
-        let outcome = CatchUnwind::new(async move { f(watch).await }).await;
-        // Ignored on purpose, as documented: Ok(false) means the lease was lost while `f` ran;
-        // on an error the lease's Drop retries in the background and the TTL bounds the rest.
-        let _ = lease.release().await;
+        let body = CatchUnwind::new(async move { f(watch).await });
+        let outcome = if cancel_on_loss {
+            tokio::select! {
+                outcome = body => Some(outcome),
+                () = lost.lost() => None,
+            }
+        } else {
+            Some(body.await)
+        };
+        let was_lost = outcome.is_none() || lease.is_lost();
+        let released = lease.release().await;
+        let lost_error = || LockError::Lost { name: lossy(name) };
         match outcome {
-            Ok(value) => Ok(value),
-            Err(panic) => resume_unwind(panic),
+            None => Err(lost_error()),
+            Some(Err(panic)) => resume_unwind(panic),
+            Some(Ok(_)) if was_lost || matches!(released, Ok(false)) => Err(lost_error()),
+            Some(Ok(value)) => Ok(value),
         }
     }
 
@@ -392,7 +459,11 @@ impl Lock {
         let fence_key = tagged(FENCE_COUNTER_PREFIX, name);
         let owner: [u8; OWNER_TOKEN_BYTES] = rand::random();
         let started = Instant::now();
+        // Armed before the first write: a future dropped at any await point below (a caller's
+        // timeout, say) may already hold the key, and must not leave it held for its TTL.
+        let mut partial = PartialHold::new(&self.backend, &key, &owner);
         if !self.backend.set_nx(&key, &owner, Some(ttl)).await? {
+            partial.disarm();
             return Ok(None);
         }
         // The key is ours (pending). Take the fencing token while holding it; see the module
@@ -401,6 +472,7 @@ impl Lock {
             Ok(n) if n > 0 => n.unsigned_abs(),
             Ok(n) => {
                 self.abandon(&key, &owner).await;
+                partial.disarm();
                 return Err(Error::new(
                     ErrorKind::Corruption,
                     format!(
@@ -413,28 +485,45 @@ impl Lock {
             }
             Err(e) => {
                 self.abandon(&key, &owner).await;
+                partial.disarm();
                 return Err(e.into());
             }
         };
         let mut value = [0u8; LOCK_VALUE_BYTES];
         value[..OWNER_TOKEN_BYTES].copy_from_slice(&owner);
         value[OWNER_TOKEN_BYTES..].copy_from_slice(&token.to_le_bytes());
+        partial.also(&value);
         match self
             .backend
             .compare_and_swap(&key, Some(&owner), &value, TtlPolicy::Keep)
             .await
         {
-            Ok(true) => {}
-            // The pending hold expired before it was confirmed: not acquired, token discarded.
-            Ok(false) => return Ok(None),
+            Ok(true) => partial.disarm(),
+            Ok(false) => {
+                // The pending hold vanished before it was confirmed: with nobody else
+                // allowed to touch it, it expired, so the TTL is shorter than the few round
+                // trips an acquisition takes. Say so, instead of "held by another owner".
+                partial.disarm();
+                return Err(LockError::TtlTooShort {
+                    name: lossy(name),
+                    ttl,
+                    took: started.elapsed(),
+                });
+            }
             Err(e) => {
                 // Unknown whether the swap happened: abandon either value.
                 self.abandon(&key, &owner).await;
                 self.abandon(&key, &value).await;
+                partial.disarm();
                 return Err(e.into());
             }
         }
-        let deadline = started.checked_add(ttl).unwrap_or(started);
+        // The lease is believed held until its TTL minus a drift margin, measured from before
+        // the first write: the server's TTL clock started no earlier than `started`, and a
+        // server clock that runs fast ends it up to the margin sooner.
+        let deadline = started
+            .checked_add(ttl.saturating_sub(drift_margin(ttl)))
+            .unwrap_or(started);
         let (state, _) = watch::channel(LeaseState {
             deadline,
             ended: false,
@@ -457,6 +546,68 @@ impl Lock {
     /// Best-effort removal of a partial hold after a failure; the TTL bounds it otherwise.
     async fn abandon(&self, key: &[u8], value: &[u8]) {
         let _ = self.backend.compare_and_delete(key, value).await;
+    }
+}
+
+/// The part of a lease's TTL a holder does not count on: 1% of it plus 2 ms (Redlock's rule),
+/// for a server clock that runs faster than this process's. A holder's local deadline is
+/// `start + ttl - drift_margin(ttl)`, so [`Lease::is_lost`] turns true before such a server
+/// can hand the lock to someone else.
+pub fn drift_margin(ttl: Duration) -> Duration {
+    (ttl / 100 + DRIFT_MARGIN_FIXED).min(ttl)
+}
+
+/// The fixed part of [`drift_margin`].
+const DRIFT_MARGIN_FIXED: Duration = Duration::from_millis(2);
+
+/// A hold an acquisition may have taken but not yet handed to a [`Lease`]. Dropped while
+/// armed (the acquiring future was cancelled at one of its await points), it deletes the
+/// hold in the background, by value, so only a hold that is still this attempt's goes.
+struct PartialHold {
+    backend: Arc<dyn Backend>,
+    key: Vec<u8>,
+    values: Vec<Vec<u8>>,
+    armed: bool,
+}
+
+impl PartialHold {
+    fn new(backend: &Arc<dyn Backend>, key: &[u8], owner: &[u8]) -> PartialHold {
+        PartialHold {
+            backend: Arc::clone(backend),
+            key: key.to_vec(),
+            values: vec![owner.to_vec()],
+            armed: true,
+        }
+    }
+
+    /// The hold may also have this value (the confirmed one).
+    fn also(&mut self, value: &[u8]) {
+        self.values.push(value.to_vec());
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for PartialHold {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // no runtime left to run the delete on: the TTL ends the hold
+        };
+        let backend = Arc::clone(&self.backend);
+        let key = std::mem::take(&mut self.key);
+        let values = std::mem::take(&mut self.values);
+        runtime.spawn(async move {
+            for value in values {
+                if let Ok(true) = backend.compare_and_delete(&key, &value).await {
+                    return;
+                }
+            }
+        });
     }
 }
 
@@ -536,7 +687,9 @@ impl Shared {
             .await?;
         if swapped {
             *current = ttl;
-            let deadline = started.checked_add(ttl).unwrap_or(started);
+            let deadline = started
+                .checked_add(ttl.saturating_sub(drift_margin(ttl)))
+                .unwrap_or(started);
             self.state.send_modify(|s| s.deadline = deadline);
             Ok(())
         } else {
@@ -709,7 +862,8 @@ async fn keep_alive(shared: Arc<Shared>) {
         let ttl = *shared.ttl.lock().await;
         let at = retry_at.unwrap_or_else(|| {
             let since_renewal = ttl / RENEW_DIVISOR;
-            // deadline = renewal start + ttl, so renewal start + ttl/3 = deadline - (ttl - ttl/3).
+            // deadline = renewal start + ttl - margin, so this is renewal start + ttl/3 - margin:
+            // a renewal comes a margin early, never late.
             state
                 .deadline
                 .checked_sub(ttl.saturating_sub(since_renewal))

@@ -204,15 +204,15 @@ async fn incr_durable_keeps_fencing_tokens_through_a_crash_under_periodic_durabi
         "the simulated crash must lose unsynced writes, or this test proves nothing"
     );
     assert_eq!(
-        recovered.get(b"lock-fence:job").await.unwrap(),
+        recovered.get(b"lock-fence:{job}").await.unwrap(),
         Some(b"3".to_vec()),
         "every token handed out is on disk"
     );
     // The last holder's release was an ordinary write and did not survive, but its
     // acquisition was synced along with its token: the lock is held again after the crash,
     // until its TTL runs out (the delete stands in for that).
-    assert!(recovered.get(b"lock:job").await.unwrap().is_some());
-    assert!(recovered.delete(b"lock:job").await.unwrap());
+    assert!(recovered.get(b"lock:{job}").await.unwrap().is_some());
+    assert!(recovered.delete(b"lock:{job}").await.unwrap());
     let after = take_tokens(recovered, 2).await;
     assert_eq!(
         after,

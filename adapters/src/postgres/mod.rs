@@ -2039,7 +2039,7 @@ mod tests {
             // released, and the backend keeps working afterwards.
             let b = backend(PostgresOptions {
                 table: table("timeout"),
-                op_timeout: Duration::from_millis(300),
+                op_timeout: Duration::from_secs(1),
                 ..PostgresOptions::default()
             })
             .await;
@@ -2075,7 +2075,7 @@ mod tests {
         async fn timed_out_write_never_lands_after_a_later_write() {
             let b = backend(PostgresOptions {
                 table: table("late_write"),
-                op_timeout: Duration::from_millis(500),
+                op_timeout: Duration::from_secs(1),
                 pool_size: 2,
                 ..PostgresOptions::default()
             })
@@ -2166,7 +2166,7 @@ mod tests {
             let proxied =
                 url().replace(&format!(":{port}/"), &format!(":{}/", proxy.addr().port()));
             assert_ne!(proxied, url(), "the test URL must name its port explicitly");
-            let op_timeout = Duration::from_millis(300);
+            let op_timeout = Duration::from_secs(1);
             let b = PostgresBackend::connect_with(
                 &proxied,
                 PostgresOptions {

@@ -12,6 +12,10 @@ pub(super) fn cases() -> Vec<Case> {
         case!(lock_auto_renew_keeps_the_lease_and_reports_loss),
         case!(lock_with_lock_releases_on_success_error_and_cancel),
         case!(lock_acquire_waits_with_a_bound),
+        case!(lock_cancelled_acquisition_leaves_no_hold),
+        case!(lock_with_lock_reports_a_lease_lost_while_the_body_ran),
+        case!(lock_ttl_shorter_than_the_acquisition_reports_the_cause),
+        case!(lock_deadline_keeps_a_drift_margin),
     ]
 }
 
@@ -394,4 +398,192 @@ async fn lock_acquire_waits_with_a_bound(c: Ctx) {
         waiter.await.unwrap() > held_token,
         "the waiter got in after the release"
     );
+}
+
+/// Waits (bounded) until `key` is gone on `b`; the cleanup it waits for runs in the background.
+async fn until_absent(b: &dyn Backend, key: &[u8]) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.get(key).await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "{:?} is still held 10 s after the acquisition was cancelled",
+            String::from_utf8_lossy(key)
+        );
+        tokio::time::sleep(ms(5)).await;
+    }
+}
+
+/// An acquisition dropped at each of its await points (each of its three writes, before the
+/// write and after it took effect) leaves no hold: the next acquisition succeeds at once.
+async fn lock_cancelled_acquisition_leaves_no_hold(c: Ctx) {
+    use super::cancel_point::{CancelPoint, Stop};
+    let b = confined(&c);
+    for at in 1..=3 {
+        for stop in [Stop::Before, Stop::After] {
+            let point = Arc::new(CancelPoint::new(Arc::clone(&b), at, stop));
+            let reached = Arc::clone(&point.reached);
+            let lock = Lock::new(point);
+            let attempt = lock.try_acquire("cancel", Duration::from_secs(60));
+            tokio::select! {
+                outcome = attempt => panic!("write {at} ({stop:?}) was not stopped: {outcome:?}"),
+                () = reached.notified() => {} // dropping `attempt` here is the cancellation
+            }
+            until_absent(&*b, b"lock:{cancel}").await;
+            let lease = Lock::new(Arc::clone(&b))
+                .try_acquire("cancel", Duration::from_secs(60))
+                .await
+                .unwrap()
+                .unwrap_or_else(|| panic!("write {at} ({stop:?}): the lock is still held"));
+            assert!(lease.release().await.unwrap());
+        }
+    }
+}
+
+/// `with_lock` does not return the body's output as if nothing happened when the lease was
+/// lost while the body ran; `with_lock_or_cancel` also stops the body.
+async fn lock_with_lock_reports_a_lease_lost_while_the_body_ran(c: Ctx) {
+    let b = confined(&c);
+    let lock = Lock::new(Arc::clone(&b));
+    let ttl = ms(600);
+    // Someone else's hand (or an expiry) removes the hold while the body runs; auto-renew
+    // finds out at its next renewal.
+    let stolen = Arc::clone(&b);
+    let outcome = lock
+        .with_lock("lost", ttl, |lease| async move {
+            assert!(stolen.delete(b"lock:{lost}").await.unwrap());
+            lease.lost().await;
+            42
+        })
+        .await;
+    assert!(
+        matches!(outcome, Err(LockError::Lost { .. })),
+        "{outcome:?}"
+    );
+
+    let stolen = Arc::clone(&b);
+    let outcome = lock
+        .with_lock_or_cancel("lost", ttl, |_| async move {
+            assert!(stolen.delete(b"lock:{lost}").await.unwrap());
+            std::future::pending::<u32>().await // only the loss ends this body
+        })
+        .await;
+    assert!(
+        matches!(outcome, Err(LockError::Lost { .. })),
+        "{outcome:?}"
+    );
+    // A body that finishes with the lease intact gets its output.
+    assert_eq!(
+        lock.with_lock("lost", ttl, |_| async { 7 }).await.unwrap(),
+        7
+    );
+}
+
+/// A TTL that runs out during the acquisition's own round trips is reported as such, not as
+/// "held by another owner". The fencing write is held back until the pending hold's TTL has
+/// passed on the backend's clock (a real TTL elapsing, the only sleep here).
+async fn lock_ttl_shorter_than_the_acquisition_reports_the_cause(c: Ctx) {
+    let b = confined(&c);
+    let slow = Arc::new(SlowFence {
+        inner: Arc::clone(&b),
+        delay: ms(300),
+    });
+    let lock = Lock::new(slow);
+    let err = lock
+        .try_acquire("short", ms(50))
+        .await
+        .expect_err("the TTL expired before the confirmation");
+    assert!(matches!(err, LockError::TtlTooShort { .. }), "{err:?}");
+    assert!(err.to_string().contains("TTL"), "{err}");
+    assert_eq!(
+        b.get(b"lock:{short}").await.unwrap(),
+        None,
+        "nothing is held"
+    );
+}
+
+/// The local deadline leaves the drift margin (1% + 2 ms) before the server's TTL ends.
+async fn lock_deadline_keeps_a_drift_margin(c: Ctx) {
+    let lock = Lock::new(confined(&c));
+    let ttl = Duration::from_secs(10);
+    let before = std::time::Instant::now();
+    let lease = lock.try_acquire("drift", ttl).await.unwrap().unwrap();
+    let after = std::time::Instant::now();
+    let margin = crate::lock::drift_margin(ttl);
+    assert_eq!(margin, ms(102));
+    // Measured from a start between `before` and `after`, minus the margin.
+    assert!(lease.deadline() >= before + ttl - margin);
+    assert!(lease.deadline() <= after + ttl - margin);
+    assert!(lease.release().await.unwrap());
+}
+
+/// Delays `incr_durable` (the fencing write) by `delay`.
+struct SlowFence {
+    inner: Arc<dyn Backend>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl Backend for SlowFence {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn get(&self, key: &[u8]) -> crate::Result<Option<Vec<u8>>> {
+        self.inner.get(key).await
+    }
+    async fn get_with_ttl(&self, key: &[u8]) -> crate::Result<Option<(Vec<u8>, Option<Duration>)>> {
+        self.inner.get_with_ttl(key).await
+    }
+    async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> crate::Result<()> {
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> crate::Result<bool> {
+        self.inner.set_nx(key, value, ttl).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+        ttl: TtlPolicy,
+    ) -> crate::Result<bool> {
+        self.inner.compare_and_swap(key, expected, new, ttl).await
+    }
+    async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> crate::Result<bool> {
+        self.inner.compare_and_delete(key, expected).await
+    }
+    async fn delete(&self, key: &[u8]) -> crate::Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn incr(&self, key: &[u8], delta: i64, ttl: Option<Duration>) -> crate::Result<i64> {
+        self.inner.incr(key, delta, ttl).await
+    }
+    async fn incr_durable(
+        &self,
+        key: &[u8],
+        delta: i64,
+        ttl: Option<Duration>,
+    ) -> crate::Result<i64> {
+        let_expire(self.delay).await;
+        self.inner.incr_durable(key, delta, ttl).await
+    }
+    async fn expire(&self, key: &[u8], ttl: Duration) -> crate::Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn persist(&self, key: &[u8]) -> crate::Result<bool> {
+        self.inner.persist(key).await
+    }
+    async fn ttl(&self, key: &[u8]) -> crate::Result<Ttl> {
+        self.inner.ttl(key).await
+    }
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> crate::Result<crate::ScanPage> {
+        self.inner.scan(prefix, cursor, limit).await
+    }
+    async fn now_ms(&self) -> crate::Result<u64> {
+        self.inner.now_ms().await
+    }
 }

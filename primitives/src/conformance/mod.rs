@@ -115,6 +115,7 @@ macro_rules! case {
     };
 }
 
+mod cancel_point;
 mod dedup;
 mod kv;
 mod lock;

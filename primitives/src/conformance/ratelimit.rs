@@ -17,6 +17,9 @@ pub(super) fn cases() -> Vec<Case> {
         case!(ratelimit_trusted_clock_agrees_across_skewed_nodes),
         case!(ratelimit_state_keys_carry_ttls_and_vanish_when_idle),
         case!(ratelimit_decisions_carry_what_http_headers_need),
+        case!(ratelimit_hot_key_never_fails_and_admits_exactly_the_quota),
+        case!(ratelimit_a_negative_counter_never_admits_extra),
+        case!(ratelimit_invalid_quota_is_refused_at_construction),
     ]
 }
 
@@ -633,4 +636,90 @@ async fn ratelimit_decisions_carry_what_http_headers_need(c: Ctx) {
             Duration::from_secs(30)
         )
     );
+}
+
+/// 500 concurrent checks of one key, each strategy: no errors (a busy key never fails a
+/// decision), and exactly the quota admitted.
+async fn ratelimit_hot_key_never_fails_and_admits_exactly_the_quota(c: Ctx) {
+    const CHECKS: usize = 500;
+    const QUOTA: u64 = 20;
+    for strategy in STRATEGIES {
+        let name = strategy_name(strategy);
+        let clock = ManualClock::new(RL_START_MS);
+        let l = Arc::new(limiter_on(
+            &c,
+            name,
+            strategy,
+            Quota::per_hour(QUOTA),
+            &clock,
+        ));
+        let start = Arc::new(tokio::sync::Barrier::new(CHECKS));
+        let mut tasks = Vec::new();
+        for _ in 0..CHECKS {
+            let (l, start) = (Arc::clone(&l), Arc::clone(&start));
+            tasks.push(tokio::spawn(async move {
+                start.wait().await;
+                l.check("hot", 1).await
+            }));
+        }
+        let mut admitted = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                Ok(d) if d.allowed => admitted += 1,
+                Ok(_) => {}
+                Err(e) => panic!("{name}: a check failed under contention: {e}"),
+            }
+        }
+        assert_eq!(admitted, QUOTA, "{name}");
+    }
+}
+
+/// A window counter left negative (the reproduction: an undo that landed after a
+/// reset left it at -3) counts as zero: a limit of 5 admits 5, not 8.
+async fn ratelimit_a_negative_counter_never_admits_extra(c: Ctx) {
+    let clock = ManualClock::new(RL_START_MS);
+    let l = limiter_on(&c, "neg", Strategy::FixedWindow, Quota::per_hour(5), &clock);
+    assert!(l.check("k", 1).await.unwrap().allowed);
+    l.reset("k").await.unwrap();
+    let b = confined(&c);
+    let keys = collect_scan(&*b, b"rl:neg:", 100).await;
+    assert!(keys.is_empty(), "{keys:?}");
+    // Recreate the counter as the lost race would have left it.
+    let window_key = {
+        assert!(l.check("k", 1).await.unwrap().allowed);
+        let keys = collect_scan(&*b, b"rl:neg:", 100).await;
+        assert_eq!(keys.len(), 1, "{keys:?}");
+        keys[0].clone()
+    };
+    b.set(&window_key, b"-3", Some(HOUR)).await.unwrap();
+    let mut admitted = 0;
+    for _ in 0..10 {
+        if l.check("k", 1).await.unwrap().allowed {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5);
+    let stored = b.get(&window_key).await.unwrap().unwrap();
+    assert_eq!(stored, b"5", "the counter was repaired");
+}
+
+/// A quota that can never work is a construction error, not a failure on every check.
+async fn ratelimit_invalid_quota_is_refused_at_construction(c: Ctx) {
+    let b = confined(&c);
+    for bad in [
+        Quota::per_second(0),
+        Quota::per_second(10).with_burst(0),
+        Quota::new(10, Duration::ZERO),
+    ] {
+        assert!(matches!(
+            bad.validate(),
+            Err(RateLimitError::InvalidQuota { .. })
+        ));
+        let built = RateLimiter::new(Arc::clone(&b), "bad", Strategy::Gcra, bad);
+        assert!(
+            matches!(built, Err(RateLimitError::InvalidQuota { .. })),
+            "{bad:?}: {built:?}"
+        );
+    }
+    Quota::per_second(10).validate().unwrap();
 }

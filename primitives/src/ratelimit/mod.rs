@@ -100,10 +100,15 @@ use math::{Params, Verdict};
 pub const QUOTA_LIMIT_MAX: u64 = 1 << 40;
 /// Longest quota period: half the longest TTL, since window counters live for two windows.
 pub const PERIOD_MAX: Duration = Duration::from_millis(TTL_MAX_MS / 2);
-/// Default bound on compare-and-swap rounds per decision (token bucket, GCRA). Every lost
-/// round means another request was admitted, so this is only reached when more than this many
-/// requests on one key are admitted while one request waits.
+/// A bound on compare-and-swap rounds per decision that [`RateLimiter::with_cas_attempts`]
+/// users may pick; by default there is none (a limiter never fails because it is busy).
 pub const CAS_ATTEMPTS_DEFAULT: u32 = 64;
+/// Lost compare-and-swap rounds retried after a mere yield, before backoff starts.
+const CAS_YIELD_ROUNDS: u32 = 2;
+/// The first backoff after a lost compare-and-swap round (jittered down to half).
+const CAS_BACKOFF_FIRST: Duration = Duration::from_millis(1);
+/// The longest backoff between compare-and-swap rounds.
+pub const CAS_BACKOFF_MAX: Duration = Duration::from_millis(32);
 /// Longest limiter name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
 
@@ -148,7 +153,9 @@ impl Strategy {
 /// A rate: `limit` per `period`, with an optional `burst` (bucket capacity) for the token
 /// bucket and GCRA (default: `limit`; the window strategies ignore it).
 ///
-/// Constructors never fail; a quota is validated when used (limit and burst between 1 and
+/// Constructors never fail; a quota is validated by [`Quota::validate`], which
+/// [`RateLimiter::new`] calls for a fixed quota (a per-key resolver's quotas are validated when
+/// used): limit and burst between 1 and
 /// [`QUOTA_LIMIT_MAX`], period between 1 ms and [`PERIOD_MAX`], sub-millisecond parts rounded
 /// up, and refilling the whole burst must take at most the longest TTL).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -213,6 +220,16 @@ impl Quota {
         }
     }
 
+    /// Checks the quota: limit and burst between 1 and [`QUOTA_LIMIT_MAX`], period between
+    /// 1 ms and [`PERIOD_MAX`], and refilling the whole burst within the longest TTL.
+    /// [`RateLimiter::new`] calls it for a fixed quota, so a bad one fails at construction.
+    ///
+    /// # Errors
+    /// [`RateLimitError::InvalidQuota`] saying which rule the quota breaks.
+    pub fn validate(&self) -> Result<(), RateLimitError> {
+        self.params().map(drop)
+    }
+
     fn params(&self) -> Result<Params, RateLimitError> {
         let invalid = |reason: String| Err(RateLimitError::InvalidQuota { reason });
         if self.limit == 0 || self.limit > QUOTA_LIMIT_MAX {
@@ -254,6 +271,12 @@ impl Quota {
 pub trait QuotaResolver: Send + Sync + 'static {
     /// The quota for `key`.
     fn quota(&self, key: &[u8]) -> Quota;
+
+    /// The quota every key gets, if it is the same for all (then it is validated when the
+    /// limiter is built). `None` by default.
+    fn fixed(&self) -> Option<Quota> {
+        None
+    }
 }
 
 impl<F> QuotaResolver for F
@@ -268,6 +291,10 @@ where
 impl QuotaResolver for Quota {
     fn quota(&self, _key: &[u8]) -> Quota {
         *self
+    }
+
+    fn fixed(&self) -> Option<Quota> {
+        Some(*self)
     }
 }
 
@@ -346,8 +373,9 @@ pub enum RateLimitError {
         /// What is wrong.
         reason: String,
     },
-    /// The compare-and-swap loop lost every round to concurrent admissions. Nothing was
-    /// consumed by this call; retrying (or failing open/closed) is the caller's choice.
+    /// The compare-and-swap loop lost every round to concurrent admissions, with a bound set
+    /// by [`RateLimiter::with_cas_attempts`] (there is none by default, so a default limiter
+    /// never returns this). Nothing was consumed by this call.
     #[error(
         "{attempts} compare-and-swap rounds lost to concurrent requests on one key; nothing \
          was consumed, retry"
@@ -381,7 +409,8 @@ pub struct RateLimiter {
     strategy: Strategy,
     quotas: Arc<dyn QuotaResolver>,
     clock: Option<Arc<dyn Clock>>,
-    cas_attempts: u32,
+    /// `None`: compare-and-swap rounds are retried until they win (never a `Contention`).
+    cas_attempts: Option<u32>,
 }
 
 impl fmt::Debug for RateLimiter {
@@ -415,7 +444,6 @@ enum Receipt {
     Counter {
         key: Vec<u8>,
         cost: i64,
-        ttl: Duration,
     },
     Gcra {
         key: Vec<u8>,
@@ -435,7 +463,8 @@ impl RateLimiter {
     /// (a [`Quota`] or a closure), reading time from the backend.
     ///
     /// # Errors
-    /// [`RateLimitError::InvalidName`].
+    /// [`RateLimitError::InvalidName`]; [`RateLimitError::InvalidQuota`] for a fixed quota
+    /// that [`Quota::validate`] refuses.
     pub fn new(
         backend: Arc<dyn Backend>,
         name: &str,
@@ -443,13 +472,16 @@ impl RateLimiter {
         quotas: impl QuotaResolver,
     ) -> Result<Self, RateLimitError> {
         validate_name(name)?;
+        if let Some(quota) = quotas.fixed() {
+            quota.validate()?;
+        }
         Ok(RateLimiter {
             backend,
             name: name.to_owned(),
             strategy,
             quotas: Arc::new(quotas),
             clock: None,
-            cas_attempts: CAS_ATTEMPTS_DEFAULT,
+            cas_attempts: None,
         })
     }
 
@@ -459,11 +491,63 @@ impl RateLimiter {
         self
     }
 
-    /// Bounds the compare-and-swap rounds per decision (default [`CAS_ATTEMPTS_DEFAULT`],
-    /// at least 1).
+    /// Bounds the compare-and-swap rounds per decision (at least 1); past them a decision
+    /// fails with [`RateLimitError::Contention`]. By default there is no bound: a limiter
+    /// never fails because its key is busy, it retries lost rounds with jittered backoff (a
+    /// round is lost only when another decision on the same key won it).
     pub fn with_cas_attempts(mut self, attempts: u32) -> Self {
-        self.cas_attempts = attempts.max(1);
+        self.cas_attempts = Some(attempts.max(1));
         self
+    }
+
+    /// After losing compare-and-swap round `round` (0-based): `Err` past the configured bound,
+    /// else waits a little (a yield for the first rounds, then jittered exponential backoff up
+    /// to [`CAS_BACKOFF_MAX`]) so that contending decisions spread out.
+    async fn lost_round(&self, round: u32) -> Result<(), RateLimitError> {
+        if let Some(bound) = self.cas_attempts
+            && round + 1 >= bound
+        {
+            return Err(RateLimitError::Contention { attempts: bound });
+        }
+        if round < CAS_YIELD_ROUNDS {
+            tokio::task::yield_now().await;
+        } else {
+            let exp = (round - CAS_YIELD_ROUNDS).min(5);
+            let base = (CAS_BACKOFF_FIRST * 2u32.pow(exp)).min(CAS_BACKOFF_MAX);
+            tokio::time::sleep(base.mul_f64(rand::random_range(0.5..=1.0))).await;
+        }
+        Ok(())
+    }
+
+    /// Subtracts `cost` from a window counter, never below zero: a refund or an undo that
+    /// lands after the window was reset must not leave a negative count (which would admit
+    /// more than the quota).
+    async fn decrement_floored(&self, key: &[u8], cost: i64) -> Result<(), RateLimitError> {
+        let mut round = 0;
+        loop {
+            let Some(raw) = self.backend.get(key).await? else {
+                return Ok(()); // reset or expired: nothing left to give back
+            };
+            let current = parse_i64(&raw).unwrap_or(0);
+            if current <= 0 {
+                return Ok(());
+            }
+            let next = current.saturating_sub(cost).max(0).to_string();
+            if self
+                .backend
+                .compare_and_swap(key, Some(&raw), next.as_bytes(), TtlPolicy::Keep)
+                .await?
+            {
+                return Ok(());
+            }
+            // Lost to a concurrent writer: never bounded (a refund must not fail for load).
+            if round < CAS_YIELD_ROUNDS {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(CAS_BACKOFF_FIRST.mul_f64(rand::random_range(0.5..=1.0))).await;
+            }
+            round += 1;
+        }
     }
 
     /// The limiter's name.
@@ -606,7 +690,9 @@ impl RateLimiter {
     async fn counter(&self, key: &[u8]) -> Result<i64, RateLimitError> {
         match self.backend.get(key).await? {
             None => Ok(0),
-            Some(raw) => parse_i64(&raw).ok_or_else(|| {
+            // A counter is never negative (see `decrement_floored`); one written so by an
+            // older version counts as zero, never as extra room.
+            Some(raw) => parse_i64(&raw).map(|n| n.max(0)).ok_or_else(|| {
                 Error::new(
                     ErrorKind::Corruption,
                     format!(
@@ -732,17 +818,33 @@ impl RateLimiter {
         // cost <= capacity <= QUOTA_LIMIT_MAX, so it fits an i64.
         let delta = i64::try_from(cost).unwrap_or(i64::MAX);
         let ttl = Self::window_ttl(p);
-        let after = self.backend.incr(&counter_key, delta, Some(ttl)).await?;
-        let verdict = judge(after.saturating_sub(delta));
+        let mut after = self.backend.incr(&counter_key, delta, Some(ttl)).await?;
+        if after < delta {
+            // The counter was negative (left so by an older version or an outside write):
+            // count it as zero, and repair it so that it does not admit extra requests.
+            let repaired = delta.to_string();
+            if self
+                .backend
+                .compare_and_swap(
+                    &counter_key,
+                    Some(after.to_string().as_bytes()),
+                    repaired.as_bytes(),
+                    TtlPolicy::Keep,
+                )
+                .await?
+            {
+                after = delta;
+            }
+        }
+        let verdict = judge(after.saturating_sub(delta).max(0));
         if !verdict.allowed {
             // A concurrent request took the room: undo ours, so the denial consumes nothing.
-            self.backend.incr(&counter_key, -delta, Some(ttl)).await?;
+            self.decrement_floored(&counter_key, delta).await?;
             return Ok((self.decision(prepared, verdict), None));
         }
         let receipt = Receipt::Counter {
             key: counter_key,
             cost: delta,
-            ttl,
         };
         Ok((self.decision(prepared, verdict), Some(receipt)))
     }
@@ -756,7 +858,8 @@ impl RateLimiter {
         let p = &prepared.params;
         let now = prepared.now_ms;
         let state_key = self.state_key(key);
-        for _ in 0..self.cas_attempts {
+        let mut round = 0;
+        loop {
             let raw = self.backend.get(&state_key).await?;
             let (verdict, new) = match self.strategy {
                 Strategy::Gcra => {
@@ -795,21 +898,16 @@ impl RateLimiter {
                 };
                 return Ok((self.decision(prepared, verdict), Some(receipt)));
             }
-            tokio::task::yield_now().await;
+            self.lost_round(round).await?;
+            round += 1;
         }
-        Err(RateLimitError::Contention {
-            attempts: self.cas_attempts,
-        })
     }
 
     /// Gives back what a consuming check took: exact for counters; for buckets the cost is
     /// returned (capped at the burst).
     async fn refund(&self, receipt: Receipt) -> Result<(), RateLimitError> {
         match receipt {
-            Receipt::Counter { key, cost, ttl } => {
-                self.backend.incr(&key, -cost, Some(ttl)).await?;
-                Ok(())
-            }
+            Receipt::Counter { key, cost } => self.decrement_floored(&key, cost).await,
             Receipt::Gcra {
                 key,
                 cost,
@@ -822,7 +920,8 @@ impl RateLimiter {
             } => {
                 let p = &prepared.params;
                 let now = prepared.now_ms;
-                for _ in 0..self.cas_attempts {
+                let mut round = 0;
+                loop {
                     let Some(raw) = self.backend.get(&key).await? else {
                         return Ok(()); // expired: already back to full
                     };
@@ -848,11 +947,9 @@ impl RateLimiter {
                     {
                         return Ok(());
                     }
-                    tokio::task::yield_now().await;
+                    self.lost_round(round).await?;
+                    round += 1;
                 }
-                Err(RateLimitError::Contention {
-                    attempts: self.cas_attempts,
-                })
             }
         }
     }
