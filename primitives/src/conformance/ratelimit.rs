@@ -20,6 +20,8 @@ pub(super) fn cases() -> Vec<Case> {
         case!(ratelimit_hot_key_never_fails_and_admits_exactly_the_quota),
         case!(ratelimit_a_negative_counter_never_admits_extra),
         case!(ratelimit_invalid_quota_is_refused_at_construction),
+        case!(ratelimit_until_ready_waits_for_room_within_its_bound),
+        case!(ratelimit_refund_gives_back_unused_cost),
     ]
 }
 
@@ -722,4 +724,50 @@ async fn ratelimit_invalid_quota_is_refused_at_construction(c: Ctx) {
         );
     }
     Quota::per_second(10).validate().unwrap();
+}
+
+/// `until_ready` waits out a denial that fits in its bound (on the backend's clock: real
+/// time passes, 200 ms), and returns a denial that does not fit at once.
+async fn ratelimit_until_ready_waits_for_room_within_its_bound(c: Ctx) {
+    let l = RateLimiter::new(confined(&c), "ready", Strategy::Gcra, Quota::per_second(5)).unwrap();
+    for _ in 0..5 {
+        assert!(l.check("k", 1).await.unwrap().allowed);
+    }
+    let denied = l.until_ready("k", 1, ms(10)).await.unwrap();
+    assert!(
+        !denied.allowed,
+        "a wait of 10 ms cannot cover a 200 ms retry"
+    );
+    let started = Instant::now();
+    let admitted = l.until_ready("k", 1, Duration::from_secs(5)).await.unwrap();
+    assert!(admitted.allowed);
+    assert!(started.elapsed() >= ms(100), "it waited for the room");
+}
+
+/// A reserved cost refunded is available again, for every strategy.
+async fn ratelimit_refund_gives_back_unused_cost(c: Ctx) {
+    for strategy in STRATEGIES {
+        let name = strategy_name(strategy);
+        let clock = ManualClock::new(RL_START_MS);
+        let l = limiter_on(
+            &c,
+            &format!("refund-{name}"),
+            strategy,
+            Quota::per_hour(3),
+            &clock,
+        );
+        let (first, reservation) = l.check_reserving("k", 2).await.unwrap();
+        assert!(first.allowed, "{name}");
+        assert_eq!(l.peek("k").await.unwrap().remaining, 1, "{name}");
+        reservation.expect("admitted").refund().await.unwrap();
+        assert_eq!(l.peek("k").await.unwrap().remaining, 3, "{name}: refunded");
+        let (denied, none) = l.check_reserving("k", 4).await.map_or_else(
+            |e| {
+                assert!(matches!(e, RateLimitError::CostOverCapacity { .. }), "{e}");
+                (None, None)
+            },
+            |(d, r)| (Some(d), r),
+        );
+        assert!(denied.is_none() && none.is_none(), "{name}");
+    }
 }

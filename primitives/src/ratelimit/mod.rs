@@ -384,10 +384,39 @@ pub enum RateLimitError {
         /// Rounds tried.
         attempts: u32,
     },
+    /// [`RateLimiter::until_ready`] had to wait and no Tokio runtime is running.
+    #[error("waiting for a rate limit needs a Tokio runtime with timers; call it inside one")]
+    NoRuntime,
     /// The backend failed (see [`Error::kind`]). For a check, whether the request was counted
     /// is unknown.
     #[error(transparent)]
     Backend(#[from] Error),
+}
+
+/// What an admitted [`RateLimiter::check_reserving`] took, to give back with
+/// [`Reservation::refund`] when the work it paid for was not done.
+pub struct Reservation {
+    limiter: RateLimiter,
+    receipt: Receipt,
+}
+
+impl fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reservation")
+            .field("limiter", &self.limiter.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reservation {
+    /// Gives the cost back: exactly for the window strategies (never below zero); for the
+    /// bucket strategies the tokens are returned, capped at the burst.
+    ///
+    /// # Errors
+    /// `Backend`, or `Contention` under a bound set with [`RateLimiter::with_cas_attempts`].
+    pub async fn refund(self) -> Result<(), RateLimitError> {
+        self.limiter.refund(self.receipt).await
+    }
 }
 
 /// Anything that decides on requests: a [`RateLimiter`] or a [`Stacked`] one. Lets an HTTP
@@ -582,6 +611,63 @@ impl RateLimiter {
             return self.evaluate(key, 0, &prepared).await;
         }
         Ok(self.consume(key, cost, &prepared, false).await?.0)
+    }
+
+    /// [`RateLimiter::check`], and for an admitted request a [`Reservation`] that gives the
+    /// cost back with [`Reservation::refund`] if the work it paid for was not done (the
+    /// request failed before doing anything, say). Dropping the reservation keeps the cost.
+    ///
+    /// # Errors
+    /// As [`RateLimiter::check`].
+    pub async fn check_reserving(
+        &self,
+        key: impl AsRef<[u8]>,
+        cost: u64,
+    ) -> Result<(Decision, Option<Reservation>), RateLimitError> {
+        let key = key.as_ref();
+        let prepared = self.prepare(key, cost).await?;
+        if cost == 0 {
+            return Ok((self.evaluate(key, 0, &prepared).await?, None));
+        }
+        let (decision, receipt) = self.consume(key, cost, &prepared, false).await?;
+        let reservation = receipt.map(|receipt| Reservation {
+            limiter: self.clone(),
+            receipt,
+        });
+        Ok((decision, reservation))
+    }
+
+    /// Waits until a request of `cost` is admitted, for at most `max_wait`: a denial whose
+    /// `retry_after` still fits in the wait is retried after it (plus up to 10% jitter, so
+    /// waiters spread out); otherwise the denial is returned. A cost over the capacity fails
+    /// at once (it can never be admitted).
+    ///
+    /// # Errors
+    /// As [`RateLimiter::check`]; [`RateLimitError::NoRuntime`] when it would have to wait
+    /// outside a Tokio runtime.
+    pub async fn until_ready(
+        &self,
+        key: impl AsRef<[u8]>,
+        cost: u64,
+        max_wait: Duration,
+    ) -> Result<Decision, RateLimitError> {
+        let key = key.as_ref();
+        let started = tokio::time::Instant::now();
+        loop {
+            let decision = self.check(key, cost).await?;
+            let Some(retry_after) = decision.retry_after else {
+                return Ok(decision);
+            };
+            let left = max_wait.saturating_sub(started.elapsed());
+            if decision.allowed || retry_after > left {
+                return Ok(decision);
+            }
+            if tokio::runtime::Handle::try_current().is_err() {
+                return Err(RateLimitError::NoRuntime);
+            }
+            let jitter = retry_after.mul_f64(rand::random_range(0.0..=0.1));
+            tokio::time::sleep((retry_after + jitter).min(left)).await;
+        }
     }
 
     /// Whether a request of cost 1 would be admitted now (`allowed`, `retry_after`), and what
