@@ -18,6 +18,7 @@ pub(super) fn cases() -> Vec<Case> {
         case!(ratelimit_state_keys_carry_ttls_and_vanish_when_idle),
         case!(ratelimit_decisions_carry_what_http_headers_need),
         case!(ratelimit_hot_key_never_fails_and_admits_exactly_the_quota),
+        case!(ratelimit_hot_key_never_fails_on_the_windows_either),
         case!(ratelimit_a_negative_counter_never_admits_extra),
         case!(ratelimit_invalid_quota_is_refused_at_construction),
         case!(ratelimit_until_ready_waits_for_room_within_its_bound),
@@ -640,12 +641,21 @@ async fn ratelimit_decisions_carry_what_http_headers_need(c: Ctx) {
     );
 }
 
-/// 500 concurrent checks of one key, each strategy: no errors (a busy key never fails a
-/// decision), and exactly the quota admitted.
+/// 500 concurrent checks of one key, for GCRA and the token bucket (the compare-and-swap
+/// strategies): no errors (a busy key never fails a decision), and exactly the quota admitted.
 async fn ratelimit_hot_key_never_fails_and_admits_exactly_the_quota(c: Ctx) {
+    hot_key(c, &[Strategy::Gcra, Strategy::TokenBucket]).await;
+}
+
+/// The same for the two window strategies (counters, `incr`).
+async fn ratelimit_hot_key_never_fails_on_the_windows_either(c: Ctx) {
+    hot_key(c, &[Strategy::FixedWindow, Strategy::SlidingWindow]).await;
+}
+
+async fn hot_key(c: Ctx, strategies: &[Strategy]) {
     const CHECKS: usize = 500;
     const QUOTA: u64 = 20;
-    for strategy in STRATEGIES {
+    for &strategy in strategies {
         let name = strategy_name(strategy);
         let clock = ManualClock::new(RL_START_MS);
         let l = Arc::new(limiter_on(
