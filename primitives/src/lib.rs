@@ -13,6 +13,9 @@
 pub mod backend;
 mod embedded;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
+pub mod idempotency;
 pub mod lock;
 mod namespace;
 pub mod ratelimit;
