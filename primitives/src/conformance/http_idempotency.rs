@@ -116,6 +116,8 @@ fn layer(c: &Ctx) -> IdempotencyLayerBuilder {
         confined(c),
         Extractor::header(HeaderName::from_static("x-user")),
     )
+    // Long enough for every case, short enough not to leave records on a shared server.
+    .record_ttl(Duration::from_secs(600))
 }
 
 async fn start(

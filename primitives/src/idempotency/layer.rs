@@ -61,6 +61,7 @@ use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::{Begin, Fingerprint, Idempotency as Store, IdempotencyError, StoredResponse};
 use crate::Backend;
@@ -384,8 +385,9 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
+        let span = tracing::debug_span!("keel_idempotency", method = %req.method(), path = %req.uri().path());
         ResponseFuture {
-            inner: Box::pin(handle(config, inner, req)),
+            inner: Box::pin(handle(config, inner, req).instrument(span)),
         }
     }
 }

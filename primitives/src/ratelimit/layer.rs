@@ -61,6 +61,7 @@ use http::request::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 use sfv::{KeyRef, ListSerializer, StringRef};
 use tower::{Layer, Service};
+use tracing::Instrument;
 
 use super::{Decision, QuotaOverrides, RateLimitError, RateLimiter, StackDecision, Stacked};
 pub use crate::http::OnBackendError;
@@ -386,8 +387,9 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
+        let span = tracing::debug_span!("keel_ratelimit", method = %req.method(), path = %req.uri().path());
         ResponseFuture {
-            inner: Box::pin(handle(config, inner, req)),
+            inner: Box::pin(handle(config, inner, req).instrument(span)),
         }
     }
 }
