@@ -7,9 +7,9 @@
 //! on all of them. [`Namespaced`] lets several applications share one server.
 //!
 //! The primitives themselves land module by module on this contract: [`lock`] (leases with
-//! fencing tokens), [`ratelimit`] and [`idempotency`] today. With the `http` feature, [`http`]
+//! fencing tokens), [`ratelimit`] and [`idempotency`] today. With the `http` feature, `http`
 //! holds what tower layers share (key extraction, problem responses) and each primitive's
-//! layer sits beside it: [`ratelimit::RateLimitLayer`], [`idempotency::IdempotencyLayer`].
+//! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
 
 pub mod backend;
 mod embedded;

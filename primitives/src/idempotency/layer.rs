@@ -277,7 +277,8 @@ impl IdempotencyLayerBuilder {
 }
 
 /// The idempotency layer. Cheap to clone; clones and replicas on the same backend share
-/// every key. See the module docs.
+/// every key. See [the module docs](crate::idempotency::layer) for what a request goes
+/// through.
 #[derive(Clone)]
 pub struct IdempotencyLayer {
     config: Arc<Config>,

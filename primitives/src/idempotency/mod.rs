@@ -1,6 +1,6 @@
 //! Idempotency keys on the [`Backend`] contract: claim a key atomically, keep the claim alive
 //! while the work runs, then store the outcome for retries to replay — safe across replicas
-//! sharing one backend. Usable without HTTP; [`IdempotencyLayer`] (feature `http`) applies it
+//! sharing one backend. Usable without HTTP; `IdempotencyLayer` (feature `http`) applies it
 //! to requests (draft-ietf-httpapi-idempotency-key-header-07).
 //!
 //! ```
@@ -45,7 +45,7 @@
 //! is [`Begin::Mismatch`].
 
 #[cfg(feature = "http")]
-mod layer;
+pub mod layer;
 
 use std::fmt;
 use std::sync::Arc;

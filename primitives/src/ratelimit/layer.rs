@@ -274,7 +274,8 @@ impl RateLimitLayerBuilder {
 }
 
 /// The rate-limit layer. Cheap to clone; every clone (and every replica on the same backend)
-/// shares the same limits. See the module docs.
+/// shares the same limits. See [the module docs](crate::ratelimit::layer) for what a request
+/// goes through, the headers, and failure handling.
 #[derive(Clone)]
 pub struct RateLimitLayer {
     config: Arc<Config>,

@@ -77,10 +77,15 @@
 //! A [`QuotaResolver`] picks the quota per key (any `Fn(&[u8]) -> Quota` is one; so is a
 //! plain [`Quota`]). [`Stacked`] combines policies (e.g. 10/s and 1,000/h): a request is
 //! admitted only if every policy admits it, and a denial consumes from none of them. How,
-//! and the remaining race window, are documented on [`Stacked`].
+//! and the remaining race window, are documented on [`Stacked`]. Quotas resolved per request
+//! (asynchronously, e.g. from the user's plan) go in as [`QuotaOverrides`].
+//!
+//! # HTTP
+//! With the `http` feature, `RateLimitLayer` (in `ratelimit::layer`) applies a limiter or a stack to
+//! requests in axum or hyper, with the `RateLimit` headers and 429 problem responses.
 
 #[cfg(feature = "http")]
-mod layer;
+pub mod layer;
 mod math;
 mod stacked;
 
