@@ -4,9 +4,9 @@ use axum::Router;
 use axum::routing::get;
 use http::{HeaderName, Method};
 
-use super::http_support::{Outage, client, header, problem, serve};
+use super::http_support::{Outage, client, header, problem, serve, serve_without_connect_info};
 use super::*;
-use crate::http::{Extractor, OnBackendError, TrustedProxies};
+use crate::http::{Extractor, OnBackendError, OnExtractError, TrustedProxies};
 use crate::ratelimit::{
     ManualClock, Quota, QuotaOverrides, RateLimitLayer, RateLimiter, Route, Stacked, Strategy,
 };
@@ -20,6 +20,7 @@ pub(super) fn cases() -> Vec<Case> {
         case!(http_ratelimit_fail_open_and_fail_closed_with_the_backend_down),
         case!(http_ratelimit_shadow_mode_never_rejects),
         case!(http_ratelimit_per_route_method_and_plan_overrides),
+        case!(http_ratelimit_key_failure_has_the_chosen_outcome),
     ]
 }
 
@@ -312,4 +313,39 @@ async fn http_ratelimit_per_route_method_and_plan_overrides(c: Ctx) {
     // A missing key is a 400, not a panic.
     let r = http.get(server.url("/")).send().await.unwrap();
     assert_eq!(r.status(), 400);
+}
+
+async fn http_ratelimit_key_failure_has_the_chosen_outcome(c: Ctx) {
+    let b = confined(&c);
+    let layer = |name: &str, outcome| {
+        RateLimitLayer::builder()
+            .limiter(limiter(&b, name, Strategy::Gcra, Quota::per_hour(100)))
+            .on_extract_error(outcome)
+            .build()
+            .unwrap()
+    };
+    let http = client();
+    // Served without ConnectInfo, the peer-IP key cannot exist: the answer says how to fix it.
+    let bad = serve_without_connect_info(app(layer("a", OnExtractError::BadRequest))).await;
+    let r = http.get(bad.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let doc = problem(r).await;
+    assert_eq!(doc["code"], "rate_limit_key_missing");
+    assert!(
+        doc["detail"]
+            .as_str()
+            .unwrap()
+            .contains("into_make_service_with_connect_info"),
+        "{doc}"
+    );
+    let internal =
+        serve_without_connect_info(app(layer("b", OnExtractError::InternalServerError))).await;
+    assert_eq!(
+        http.get(internal.url("/")).send().await.unwrap().status(),
+        500
+    );
+    let skip = serve_without_connect_info(app(layer("c", OnExtractError::Skip))).await;
+    let r = http.get(skip.url("/")).send().await.unwrap();
+    assert_eq!(r.status(), 200, "skip: the layer steps aside");
+    assert_eq!(header(&r, "ratelimit"), None);
 }

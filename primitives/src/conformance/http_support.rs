@@ -39,6 +39,16 @@ pub(super) async fn serve(app: axum::Router) -> Server {
     Server { addr, task }
 }
 
+/// [`serve`] without `ConnectInfo`: the misconfiguration the peer-IP extractor must report.
+pub(super) async fn serve_without_connect_info(app: axum::Router) -> Server {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Server { addr, task }
+}
+
 /// A keep-alive HTTP/1 client that never goes through a proxy from the environment.
 pub(super) fn client() -> reqwest::Client {
     reqwest::Client::builder()
