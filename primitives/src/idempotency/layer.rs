@@ -144,6 +144,7 @@ struct Config {
     methods: Vec<Method>,
     required: bool,
     fingerprint_headers: Vec<HeaderName>,
+    fingerprint: Option<Arc<dyn RequestFingerprint>>,
     deny_headers: Vec<HeaderName>,
     request_body_max: usize,
     response_body_max: usize,
@@ -188,6 +189,13 @@ impl IdempotencyLayerBuilder {
     /// Headers that are part of the fingerprint (default none: method, target and body).
     pub fn fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config.fingerprint_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Replaces the fingerprint (method, path and query, the selected headers, BLAKE3 of the
+    /// body) with your own, e.g. over a canonical form of a JSON body.
+    pub fn fingerprint(mut self, fingerprint: impl RequestFingerprint) -> Self {
+        self.config.fingerprint = Some(Arc::new(fingerprint));
         self
     }
 
@@ -304,6 +312,7 @@ impl IdempotencyLayer {
                 methods: vec![Method::POST, Method::PATCH],
                 required: false,
                 fingerprint_headers: Vec::new(),
+                fingerprint: None,
                 deny_headers: vec![SET_COOKIE],
                 request_body_max: REQUEST_BODY_BYTES_DEFAULT,
                 response_body_max: RESPONSE_BODY_BYTES_DEFAULT,
@@ -425,7 +434,26 @@ fn parse_key(parts: &Parts, header: &HeaderName) -> Result<Option<Vec<u8>>, &'st
     Ok(Some(key))
 }
 
+/// Computes a request's [`Fingerprint`] from its head and buffered body. Any
+/// `Fn(&Parts, &[u8]) -> Fingerprint + Send + Sync + 'static` is one.
+pub trait RequestFingerprint: Send + Sync + 'static {
+    /// The fingerprint of this request.
+    fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Fingerprint;
+}
+
+impl<F> RequestFingerprint for F
+where
+    F: Fn(&Parts, &[u8]) -> Fingerprint + Send + Sync + 'static,
+{
+    fn fingerprint(&self, parts: &Parts, body: &[u8]) -> Fingerprint {
+        self(parts, body)
+    }
+}
+
 fn fingerprint(config: &Config, parts: &Parts, body: &[u8]) -> Fingerprint {
+    if let Some(custom) = &config.fingerprint {
+        return custom.fingerprint(parts, body);
+    }
     let target = parts
         .uri
         .path_and_query()
@@ -747,6 +775,31 @@ mod tests {
             req = req.header(*n, *v);
         }
         req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn fingerprints_cover_target_selected_headers_and_body_or_a_custom_hook() {
+        let backend: Arc<dyn Backend> = Arc::new(crate::Embedded::memory());
+        let layer = IdempotencyLayer::builder(Arc::clone(&backend), Extractor::global())
+            .fingerprint_headers([http::header::CONTENT_TYPE])
+            .build()
+            .unwrap();
+        let fp = |headers: &[(&str, &str)], body: &[u8]| {
+            fingerprint(&layer.config, &parts(headers), body)
+        };
+        assert_eq!(fp(&[], b"a"), fp(&[("x-other", "1")], b"a"));
+        assert_ne!(fp(&[], b"a"), fp(&[], b"b"));
+        assert_ne!(fp(&[], b"a"), fp(&[("content-type", "text/plain")], b"a"));
+        let custom = IdempotencyLayer::builder(backend, Extractor::global())
+            .fingerprint(|_: &Parts, body: &[u8]| Fingerprint::of(&[body]))
+            .build()
+            .unwrap();
+        let mut other = parts(&[]);
+        other.uri = http::Uri::from_static("/elsewhere");
+        assert_eq!(
+            fingerprint(&custom.config, &parts(&[]), b"a"),
+            fingerprint(&custom.config, &other, b"a")
+        );
     }
 
     #[test]

@@ -59,7 +59,8 @@ use crate::error::{Error, ErrorKind};
 #[cfg(feature = "http")]
 pub use layer::{
     IDEMPOTENCY_REPLAYED, Idempotency as IdempotencyService, IdempotencyLayer,
-    IdempotencyLayerBuilder, IdempotencyLayerError, InFlight, ResponseFuture, StatusPolicy,
+    IdempotencyLayerBuilder, IdempotencyLayerError, InFlight, RequestFingerprint, ResponseFuture,
+    StatusPolicy,
 };
 
 /// Longest idempotency key, in bytes.
