@@ -186,24 +186,25 @@ impl Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limit_fails_open_or_closed_when_redis_is_unreachable() {
     let url = server_url("KEEL_TEST_REDIS_URL");
-    let upstream: SocketAddr = {
-        let hostport = url
-            .trim_start_matches("redis://")
-            .trim_end_matches('/')
-            .to_owned();
-        tokio::net::lookup_host(hostport)
-            .await
-            .unwrap()
-            .next()
-            .unwrap()
+    // The same URL with the proxy as its host (keeping any user, path and query options).
+    let (scheme, rest) = url.split_once("://").expect("a redis:// URL");
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((user, host)) => (format!("{user}@"), host),
+        None => (String::new(), authority),
     };
+    let upstream: SocketAddr = tokio::net::lookup_host(hostport)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
     let proxy = Proxy::start(upstream).await;
     let options = RedisOptions::default()
         .with_op_timeout(Duration::from_millis(500))
         .with_connect_timeout(Duration::from_millis(500));
-    let redis = RedisBackend::connect_with(&format!("redis://{}/", proxy.addr), options)
-        .await
-        .unwrap();
+    let proxied = format!("{scheme}://{userinfo}{}{tail}", proxy.addr);
+    let redis = RedisBackend::connect_with(&proxied, options).await.unwrap();
     let b: Arc<dyn Backend> = Arc::new(Namespaced::new(Arc::new(redis), unique("down")));
     let app = |name: &str, on_error| {
         let limiter =
