@@ -6,14 +6,18 @@
 //! Every primitive is built only on `Backend`, never on a concrete store, so it behaves the same
 //! on all of them. [`Namespaced`] lets several applications share one server.
 //!
-//! The primitives themselves (rate limiting, lock with fencing tokens, idempotency keys,
-//! sessions, cache with stampede protection, dedup, circuit breaker, feature flags, one-time
-//! codes, and tower layers) land module by module on this contract.
+//! The primitives themselves land module by module on this contract: [`lock`] (leases with
+//! fencing tokens), [`ratelimit`] and [`idempotency`] today. With the `http` feature, `http`
+//! holds what tower layers share (key extraction, problem responses) and each primitive's
+//! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
 
 pub mod backend;
 pub mod dedup;
 mod embedded;
 mod error;
+#[cfg(feature = "http")]
+pub mod http;
+pub mod idempotency;
 pub mod lock;
 mod namespace;
 pub mod otp;

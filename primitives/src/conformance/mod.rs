@@ -88,11 +88,11 @@ impl Report {
         for r in &self.results {
             match &r.failure {
                 None => out.push_str(&format!(
-                    "  ok    {:<44} {:>6} ms\n",
+                    "  ok    {:<64} {:>6} ms\n",
                     r.name,
                     r.elapsed.as_millis()
                 )),
-                Some(why) => out.push_str(&format!("  FAIL  {:<44} {why}\n", r.name)),
+                Some(why) => out.push_str(&format!("  FAIL  {:<64} {why}\n", r.name)),
             }
         }
         let failed = self.results.iter().filter(|r| r.failure.is_some()).count();
@@ -117,19 +117,32 @@ macro_rules! case {
 
 mod cancel_point;
 mod dedup;
+#[cfg(feature = "http")]
+mod http_idempotency;
+#[cfg(feature = "http")]
+mod http_ratelimit;
+#[cfg(feature = "http")]
+mod http_support;
 mod kv;
 mod lock;
 mod otp;
 mod ratelimit;
 
-/// Every case, in the order they run: one module per area (`kv`, `lock`, `ratelimit`, `dedup`, `otp`, ...),
-/// each case named `<area>_<behaviour>`.
+/// Every case, in the order they run: one module per area (`kv`, `lock`, `ratelimit`,
+/// `dedup`, `otp`, ...), each case named `<area>_<behaviour>`. With the `http` feature, the
+/// HTTP layers' cases (`http_ratelimit_…`, `http_idempotency_…`) run a real axum server and
+/// client on the backend.
 pub fn cases() -> Vec<Case> {
     let mut all = kv::cases();
     all.extend(lock::cases());
     all.extend(ratelimit::cases());
     all.extend(dedup::cases());
     all.extend(otp::cases());
+    #[cfg(feature = "http")]
+    {
+        all.extend(http_ratelimit::cases());
+        all.extend(http_idempotency::cases());
+    }
     all
 }
 

@@ -77,10 +77,23 @@
 //! A [`QuotaResolver`] picks the quota per key (any `Fn(&[u8]) -> Quota` is one; so is a
 //! plain [`Quota`]). [`Stacked`] combines policies (e.g. 10/s and 1,000/h): a request is
 //! admitted only if every policy admits it, and a denial consumes from none of them. How,
-//! and the remaining race window, are documented on [`Stacked`].
+//! and the remaining race window, are documented on [`Stacked`]. Quotas resolved per request
+//! (asynchronously, e.g. from the user's plan) go in as [`QuotaOverrides`].
+//!
+//! # HTTP
+//! With the `http` feature, `RateLimitLayer` (in `ratelimit::layer`) applies a limiter or a stack to
+//! requests in axum or hyper, with the `RateLimit` headers and 429 problem responses.
 
+#[cfg(feature = "http")]
+pub mod layer;
 mod math;
 mod stacked;
+
+#[cfg(feature = "http")]
+pub use layer::{
+    OnBackendError, QuotaOverride, RateLimit, RateLimitLayer, RateLimitLayerBuilder,
+    RateLimitLayerError, ResponseFuture, Route,
+};
 
 use std::fmt;
 use std::sync::Arc;
@@ -92,7 +105,7 @@ use crate::backend::{Backend, TTL_MAX, TtlPolicy, parse_i64};
 use crate::error::{Error, ErrorKind};
 
 pub use keel_engine::{Clock, ManualClock, SystemClock};
-pub use stacked::{STACK_POLICIES_MAX, Stacked};
+pub use stacked::{PolicyDecision, QuotaOverrides, STACK_POLICIES_MAX, StackDecision, Stacked};
 
 use math::{Params, Verdict};
 
@@ -605,8 +618,22 @@ impl RateLimiter {
         key: impl AsRef<[u8]>,
         cost: u64,
     ) -> Result<Decision, RateLimitError> {
+        self.check_with_quota(key, cost, None).await
+    }
+
+    /// [`RateLimiter::check`] under `quota` (when given) instead of the resolver's: for quotas
+    /// resolved asynchronously per request, e.g. from the user's plan.
+    ///
+    /// # Errors
+    /// As [`RateLimiter::check`].
+    pub async fn check_with_quota(
+        &self,
+        key: impl AsRef<[u8]>,
+        cost: u64,
+        quota: Option<Quota>,
+    ) -> Result<Decision, RateLimitError> {
         let key = key.as_ref();
-        let prepared = self.prepare(key, cost).await?;
+        let prepared = self.prepare_with(key, cost, quota).await?;
         if cost == 0 {
             return self.evaluate(key, 0, &prepared).await;
         }
@@ -715,7 +742,17 @@ impl RateLimiter {
 
     /// Resolves and validates the quota, refuses impossible costs, and reads "now" once.
     async fn prepare(&self, key: &[u8], cost: u64) -> Result<Prepared, RateLimitError> {
-        let quota = self.quotas.quota(key);
+        self.prepare_with(key, cost, None).await
+    }
+
+    /// [`RateLimiter::prepare`] with `quota` (when given) instead of the resolver's.
+    async fn prepare_with(
+        &self,
+        key: &[u8],
+        cost: u64,
+        quota: Option<Quota>,
+    ) -> Result<Prepared, RateLimitError> {
+        let quota = quota.unwrap_or_else(|| self.quotas.quota(key));
         let params = quota.params()?;
         let capacity = self.capacity(&params);
         if cost > capacity {

@@ -6,10 +6,74 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Decision, Limiter, Prepared, RateLimitError, RateLimiter, Receipt};
+use super::{Decision, Limiter, Prepared, Quota, RateLimitError, RateLimiter, Receipt};
 
 /// Most policies one [`Stacked`] limiter may combine.
 pub const STACK_POLICIES_MAX: usize = 16;
+
+/// Quotas that replace policies' own for one decision, by policy name (per-user plans resolved
+/// at request time). Policies not named keep their resolver's quota.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuotaOverrides(Vec<(String, Quota)>);
+
+impl QuotaOverrides {
+    /// No overrides.
+    pub fn new() -> Self {
+        QuotaOverrides::default()
+    }
+
+    /// Uses `quota` for the policy named `policy` (replacing an earlier override of it).
+    pub fn set(mut self, policy: impl Into<String>, quota: Quota) -> Self {
+        let policy = policy.into();
+        self.0.retain(|(name, _)| *name != policy);
+        self.0.push((policy, quota));
+        self
+    }
+
+    /// The override for `policy`.
+    pub fn get(&self, policy: &str) -> Option<Quota> {
+        self.0
+            .iter()
+            .find(|(name, _)| name == policy)
+            .map(|(_, q)| *q)
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// One policy's decision within a [`StackDecision`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    /// The policy's (limiter's) name.
+    pub name: String,
+    /// Its decision.
+    pub decision: Decision,
+}
+
+/// Every policy's decision on one request, and the one that sums them up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StackDecision {
+    /// The reported decision (see [`Stacked`]: the tightest admitting policy, or the denying
+    /// policy with the longest retry-after).
+    pub decision: Decision,
+    /// Each policy's decision, in stack order. After a denial, the policies that admitted
+    /// show their state with nothing consumed.
+    pub policies: Vec<PolicyDecision>,
+}
+
+impl StackDecision {
+    /// The name of the policy that denied (the one with the longest retry-after), if any.
+    pub fn denied_by(&self) -> Option<&str> {
+        self.policies
+            .iter()
+            .filter(|p| !p.decision.allowed)
+            .max_by_key(|p| p.decision.retry_after.unwrap_or(Duration::ZERO))
+            .map(|p| p.name.as_str())
+    }
+}
 
 /// Policies applied together: a request is admitted only if every policy admits it, and a
 /// denied request consumes from none of them.
@@ -78,28 +142,52 @@ impl Stacked {
         key: impl AsRef<[u8]>,
         cost: u64,
     ) -> Result<Decision, RateLimitError> {
+        Ok(self
+            .check_all(key, cost, &QuotaOverrides::default())
+            .await?
+            .decision)
+    }
+
+    /// [`Stacked::check`], with per-policy quota `overrides` (e.g. resolved from the user's
+    /// plan), reporting every policy's decision as well (for `RateLimit` headers that list
+    /// each policy).
+    ///
+    /// # Errors
+    /// As [`Stacked::check`].
+    pub async fn check_all(
+        &self,
+        key: impl AsRef<[u8]>,
+        cost: u64,
+        overrides: &QuotaOverrides,
+    ) -> Result<StackDecision, RateLimitError> {
         let key = key.as_ref();
-        let prepared = self.prepare(key, cost).await?;
+        let prepared = self.prepare(key, cost, overrides).await?;
         let mut decisions = Vec::with_capacity(self.limiters.len());
         for (limiter, p) in self.limiters.iter().zip(&prepared) {
             decisions.push(limiter.evaluate(key, cost, p).await?);
         }
         if cost == 0 || decisions.iter().any(|d| !d.allowed) {
-            return combine(&decisions);
+            return self.report(decisions);
         }
-        decisions.clear();
         let mut taken: Vec<(&RateLimiter, Receipt)> = Vec::with_capacity(self.limiters.len());
-        for (limiter, p) in self.limiters.iter().zip(&prepared) {
+        for (i, (limiter, p)) in self.limiters.iter().zip(&prepared).enumerate() {
             match limiter.consume(key, cost, p, true).await {
                 Ok((decision, receipt)) => {
+                    decisions[i] = decision;
                     if !decision.allowed {
                         refund_all(taken).await;
-                        return Ok(decision);
+                        // The policies consumed before this one were refunded: report them as
+                        // evaluated (nothing consumed), and this one's denial.
+                        for (j, (l, p)) in self.limiters.iter().zip(&prepared).enumerate() {
+                            if j < i {
+                                decisions[j] = l.evaluate(key, cost, p).await?;
+                            }
+                        }
+                        return self.report(decisions);
                     }
                     if let Some(receipt) = receipt {
                         taken.push((limiter, receipt));
                     }
-                    decisions.push(decision);
                 }
                 Err(e) => {
                     refund_all(taken).await;
@@ -107,7 +195,23 @@ impl Stacked {
                 }
             }
         }
-        combine(&decisions)
+        self.report(decisions)
+    }
+
+    fn report(&self, decisions: Vec<Decision>) -> Result<StackDecision, RateLimitError> {
+        let decision = combine(&decisions)?;
+        Ok(StackDecision {
+            decision,
+            policies: self
+                .limiters
+                .iter()
+                .zip(decisions)
+                .map(|(l, decision)| PolicyDecision {
+                    name: l.name().to_owned(),
+                    decision,
+                })
+                .collect(),
+        })
     }
 
     /// Whether a request of cost 1 would be admitted by every policy now; consumes nothing.
@@ -116,7 +220,7 @@ impl Stacked {
     /// As [`RateLimiter::peek`].
     pub async fn peek(&self, key: impl AsRef<[u8]>) -> Result<Decision, RateLimitError> {
         let key = key.as_ref();
-        let prepared = self.prepare(key, 1).await?;
+        let prepared = self.prepare(key, 1, &QuotaOverrides::default()).await?;
         let mut decisions = Vec::with_capacity(self.limiters.len());
         for (limiter, p) in self.limiters.iter().zip(&prepared) {
             decisions.push(limiter.evaluate(key, 1, p).await?);
@@ -124,10 +228,16 @@ impl Stacked {
         combine(&decisions)
     }
 
-    async fn prepare(&self, key: &[u8], cost: u64) -> Result<Vec<Prepared>, RateLimitError> {
+    async fn prepare(
+        &self,
+        key: &[u8],
+        cost: u64,
+        overrides: &QuotaOverrides,
+    ) -> Result<Vec<Prepared>, RateLimitError> {
         let mut prepared = Vec::with_capacity(self.limiters.len());
         for limiter in &self.limiters {
-            prepared.push(limiter.prepare(key, cost).await?);
+            let quota = overrides.get(limiter.name());
+            prepared.push(limiter.prepare_with(key, cost, quota).await?);
         }
         Ok(prepared)
     }
@@ -166,5 +276,14 @@ impl Limiter for Stacked {
 
     async fn peek(&self, key: &[u8]) -> Result<Decision, RateLimitError> {
         Stacked::peek(self, key).await
+    }
+}
+
+impl From<RateLimiter> for Stacked {
+    /// A stack of one policy.
+    fn from(limiter: RateLimiter) -> Self {
+        Stacked {
+            limiters: vec![limiter],
+        }
     }
 }
