@@ -11,6 +11,7 @@
 //! codes, and tower layers) land module by module on this contract.
 
 pub mod backend;
+pub mod breaker;
 pub mod dedup;
 mod embedded;
 mod error;
