@@ -68,9 +68,6 @@
 
 pub(crate) mod shared;
 
-#[cfg(feature = "http")]
-pub mod layer;
-
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
@@ -579,7 +576,11 @@ pub(crate) enum PermitKind {
     /// Admitted while forced closed: counted in metrics only.
     Forced,
     /// A local half-open probe in slot `slot` holding `value`.
-    LocalProbe { generation: u64, slot: usize, value: u64 },
+    LocalProbe {
+        generation: u64,
+        slot: usize,
+        value: u64,
+    },
     /// A shared half-open probe holding lease `key` with `nonce`.
     SharedProbe {
         generation: u64,
@@ -1064,12 +1065,10 @@ impl Breaker {
             if ok >> 32 != generation {
                 return;
             }
-            match inner.probe_ok.compare_exchange(
-                ok,
-                ok + 1,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
+            match inner
+                .probe_ok
+                .compare_exchange(ok, ok + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
                 Ok(_) => break,
                 Err(now) => ok = now,
             }
@@ -1342,4 +1341,3 @@ impl Stats {
         }
     }
 }
-

@@ -35,11 +35,11 @@
 //! `tracing` warning; it keeps deciding on its local view and windows. The next refresh that
 //! reaches the backend adopts the shared state and returns to shared mode.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use super::{duration_ms, Breaker, PermitKind, Policy, Rejected, State, Window, GEN_MASK};
+use super::{Breaker, GEN_MASK, PermitKind, Policy, Rejected, State, Window, duration_ms};
 use crate::backend::{Backend, TtlPolicy};
 use crate::error::Error;
 
@@ -607,8 +607,19 @@ mod tests {
             trips: 3,
         };
         assert_eq!(Record::decode(&r.encode()), Some(r));
-        for bad in [&b"v2|C|0|0|0"[..], b"v1|X|0|0|0", b"v1|C|0|0", b"v1|CC|0|0|0", b"v1|C|0|0|0|0"] {
-            assert_eq!(Record::decode(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"v2|C|0|0|0"[..],
+            b"v1|X|0|0|0",
+            b"v1|C|0|0",
+            b"v1|CC|0|0|0",
+            b"v1|C|0|0|0|0",
+        ] {
+            assert_eq!(
+                Record::decode(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 }
