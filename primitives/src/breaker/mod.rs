@@ -695,6 +695,15 @@ impl Breaker {
         }
     }
 
+    /// Refreshes a shared breaker's local view from the backend now, instead of at the next
+    /// refresh interval (a no-op in local mode). A backend failure switches to
+    /// [`Mode::LocalFallback`]; a success returns to [`Mode::Shared`].
+    pub async fn refresh(&self) {
+        if let Some(s) = &self.inner.shared {
+            s.force_refresh(self).await;
+        }
+    }
+
     /// This instance's counters.
     pub fn metrics(&self) -> Metrics {
         let c = &self.inner.counters;

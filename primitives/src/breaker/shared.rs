@@ -133,7 +133,7 @@ impl Shared {
         }
     }
 
-    fn key(&self, suffix: std::fmt::Arguments<'_>) -> Vec<u8> {
+    fn key(&self, suffix: &str) -> Vec<u8> {
         format!("{}{suffix}", self.prefix).into_bytes()
     }
 
@@ -189,6 +189,11 @@ impl Shared {
         {
             return;
         }
+        self.finish_refresh(breaker, now).await;
+    }
+
+    /// Refreshes; the caller holds `refreshing`, which this releases.
+    async fn finish_refresh(&self, breaker: &Breaker, now: u64) {
         let interval = duration_ms(breaker.inner.refresh_interval);
         self.next_refresh_ms
             .store(now.saturating_add(interval), Ordering::Release);
@@ -201,6 +206,16 @@ impl Shared {
             Err(e) => self.enter_fallback(breaker, &e),
         }
         self.refreshing.store(false, Ordering::Release);
+    }
+
+    pub(crate) async fn force_refresh(&self, breaker: &Breaker) {
+        // Wait out a refresh already running, then refresh ourselves so the caller sees a view
+        // read after the call began.
+        while self.refreshing.swap(true, Ordering::AcqRel) {
+            tokio::task::yield_now().await;
+        }
+        let now = breaker.inner.clock.now_ms();
+        self.finish_refresh(breaker, now).await;
     }
 
     async fn refresh(&self, breaker: &Breaker, now: u64) -> Result<(), Error> {
@@ -229,11 +244,11 @@ impl Shared {
             match window_of(&t.policy) {
                 Some(Window::Time(d)) => {
                     let bucket = now / duration_ms(d).max(1);
-                    let key = self.key(format_args!("{generation}:p{i}:t{bucket}:calls"));
+                    let key = self.key(&format!("{generation}:p{i}:t{bucket}:calls"));
                     self.backend.incr(&key, n, Some(d * 2)).await?;
                 }
                 Some(Window::Calls(_)) => {
-                    let key = self.key(format_args!("{generation}:p{i}:calls"));
+                    let key = self.key(&format!("{generation}:p{i}:calls"));
                     self.backend.incr(&key, n, Some(STATE_RETENTION)).await?;
                 }
                 None => {}
@@ -259,7 +274,7 @@ impl Shared {
         let any_bad = failed || breaker.inner.tracked.iter().any(|t| slow_of(&t.policy));
         if !failed && self.consecutive_dirty.swap(false, Ordering::AcqRel) {
             self.backend
-                .delete(&self.key(format_args!("{generation}:consec")))
+                .delete(&self.key(&format!("{generation}:consec")))
                 .await?;
         }
         if !any_bad {
@@ -273,7 +288,7 @@ impl Shared {
             let bad = match t.policy {
                 Policy::ConsecutiveFailures(n) => {
                     if failed {
-                        let key = self.key(format_args!("{generation}:consec"));
+                        let key = self.key(&format!("{generation}:consec"));
                         let c = self.backend.incr(&key, 1, Some(STATE_RETENTION)).await?;
                         self.consecutive_dirty.store(true, Ordering::Release);
                         trip |= c >= i64::from(n);
@@ -299,12 +314,12 @@ impl Shared {
                     let c = self
                         .backend
                         .incr(
-                            &self.key(format_args!("{generation}:p{i}:t{bucket}:calls")),
+                            &self.key(&format!("{generation}:p{i}:t{bucket}:calls")),
                             calls,
                             ttl,
                         )
                         .await?;
-                    let bad_key = self.key(format_args!("{generation}:p{i}:t{bucket}:bad"));
+                    let bad_key = self.key(&format!("{generation}:p{i}:t{bucket}:bad"));
                     let b = if bad {
                         self.backend.incr(&bad_key, 1, ttl).await?
                     } else {
@@ -316,14 +331,14 @@ impl Shared {
                     let n = self
                         .backend
                         .incr(
-                            &self.key(format_args!("{generation}:p{i}:calls")),
+                            &self.key(&format!("{generation}:p{i}:calls")),
                             calls,
                             Some(STATE_RETENTION),
                         )
                         .await?;
                     let size = i64::from(size);
                     let w = (n - 1).max(0) / size;
-                    let bad_key = self.key(format_args!("{generation}:p{i}:c{w}:bad"));
+                    let bad_key = self.key(&format!("{generation}:p{i}:c{w}:bad"));
                     let b = if bad {
                         self.backend
                             .incr(&bad_key, 1, Some(STATE_RETENTION))
@@ -428,7 +443,7 @@ impl Shared {
                     self.adopt(breaker, record);
                     let g = record.generation;
                     for slot in 0..breaker.inner.probes {
-                        let key = self.key(format_args!("probe:{g}:{slot}"));
+                        let key = self.key(&format!("probe:{g}:{slot}"));
                         let nonce: [u8; 16] = rand::random();
                         if self
                             .backend
@@ -517,7 +532,7 @@ impl Shared {
         if !kept {
             return Ok(());
         }
-        let ok_key = self.key(format_args!("{generation}:ok"));
+        let ok_key = self.key(&format!("{generation}:ok"));
         let ok = self.backend.incr(&ok_key, 1, Some(STATE_RETENTION)).await?;
         if ok >= i64::from(breaker.inner.probes) {
             let (record, raw) = self.read().await?;

@@ -115,6 +115,7 @@ macro_rules! case {
     };
 }
 
+mod breaker;
 mod dedup;
 mod kv;
 mod lock;
@@ -129,6 +130,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(ratelimit::cases());
     all.extend(dedup::cases());
     all.extend(otp::cases());
+    all.extend(breaker::cases());
     all
 }
 
