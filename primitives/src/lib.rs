@@ -15,6 +15,7 @@ pub mod breaker;
 pub mod dedup;
 mod embedded;
 mod error;
+pub mod flags;
 pub mod lock;
 mod namespace;
 pub mod otp;

@@ -313,7 +313,10 @@ async fn breaker_half_open_admits_exactly_n_probes_across_4_replicas(c: Ctx) {
     }
     clock.advance(OPEN);
     let admitted = concurrent_probes(&replicas, &clock, 8).await;
-    assert_eq!(admitted, PROBES as usize, "exactly N probes across the fleet");
+    assert_eq!(
+        admitted, PROBES as usize,
+        "exactly N probes across the fleet"
+    );
     for r in &replicas {
         r.refresh().await;
         assert_eq!(r.state(), State::Closed);
@@ -390,7 +393,9 @@ async fn breaker_hung_or_cancelled_probe_does_not_wedge(c: Ctx) {
             })
             .await
         });
-        inside.await.expect("the hung call was admitted as the probe");
+        inside
+            .await
+            .expect("the hung call was admitted as the probe");
         assert!(b.acquire().await.is_err(), "it holds the only probe slot");
         hung.abort();
         let _ = hung.await;
@@ -412,14 +417,21 @@ async fn breaker_hung_or_cancelled_probe_does_not_wedge(c: Ctx) {
         } else {
             let_expire(probe_timeout).await;
         }
-        let next = b.acquire().await.expect("a hung probe's slot is given out again");
+        let next = b
+            .acquire()
+            .await
+            .expect("a hung probe's slot is given out again");
         next.success().await;
         b.refresh().await;
         assert_eq!(b.state(), State::Closed);
         // The hung probe finally answers (a failure): it is stale and changes nothing.
         probe.failure().await;
         b.refresh().await;
-        assert_eq!(b.state(), State::Closed, "a stale probe's outcome is ignored");
+        assert_eq!(
+            b.state(),
+            State::Closed,
+            "a stale probe's outcome is ignored"
+        );
     }
 }
 
@@ -528,9 +540,17 @@ async fn breaker_backend_down_falls_back_to_local(c: Ctx) {
     backend.down.store(true, Ordering::SeqCst);
     // Calls still work; failures are counted locally and trip the local breaker.
     fail(&b).await;
-    assert_eq!(b.mode(), Mode::LocalFallback, "the breaker says it fell back");
+    assert_eq!(
+        b.mode(),
+        Mode::LocalFallback,
+        "the breaker says it fell back"
+    );
     fail(&b).await;
-    assert_eq!(b.state(), State::Open, "local mode still protects the caller");
+    assert_eq!(
+        b.state(),
+        State::Open,
+        "local mode still protects the caller"
+    );
     assert!(b.acquire().await.is_err());
     clock.advance(OPEN);
     // Half-open with the backend down: a local probe.
@@ -571,14 +591,21 @@ async fn breaker_force_reset_metrics_and_callbacks(c: Ctx) {
     b.force_open().await;
     assert_eq!(b.state(), State::ForcedOpen);
     clock.advance(Duration::from_secs(3600));
-    assert!(b.acquire().await.is_err(), "forced open ignores the open duration");
+    assert!(
+        b.acquire().await.is_err(),
+        "forced open ignores the open duration"
+    );
     other.refresh().await;
     assert_eq!(other.state(), State::ForcedOpen, "forcing is fleet-wide");
     b.force_closed().await;
     for _ in 0..5 {
         fail(&b).await;
     }
-    assert_eq!(b.state(), State::ForcedClosed, "nothing trips a forced-closed breaker");
+    assert_eq!(
+        b.state(),
+        State::ForcedClosed,
+        "nothing trips a forced-closed breaker"
+    );
     b.reset().await;
     assert_eq!(b.state(), State::Closed);
     fail(&b).await;
