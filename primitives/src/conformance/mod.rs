@@ -117,6 +117,7 @@ macro_rules! case {
 
 mod breaker;
 mod dedup;
+mod flags;
 mod kv;
 mod lock;
 mod otp;
@@ -131,6 +132,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(dedup::cases());
     all.extend(otp::cases());
     all.extend(breaker::cases());
+    all.extend(flags::cases());
     all
 }
 
