@@ -827,13 +827,10 @@ impl Breaker {
                     return Err(self.rejected(state, deadline - now));
                 }
                 State::Open => {
+                    // Slots and the success count are tagged with their generation, so the new
+                    // generation starts with every slot free without clearing anything (a
+                    // clear here could race with a probe another thread already admitted).
                     let next = (generation + 1) & GEN_MASK;
-                    // Slots and the success count are cleared before the word changes, so no
-                    // probe of the new generation can be admitted against stale slots.
-                    for slot in inner.probe_slots.iter() {
-                        slot.store(0, Ordering::Release);
-                    }
-                    inner.probe_ok.store(next << 32, Ordering::Release);
                     if inner
                         .word
                         .compare_exchange(
@@ -1071,18 +1068,24 @@ impl Breaker {
         }
         let mut ok = inner.probe_ok.load(Ordering::Acquire);
         loop {
-            if ok >> 32 != generation {
-                return;
-            }
+            // The first success of a generation replaces an older generation's count.
+            let next = if ok >> 32 == generation {
+                ok + 1
+            } else {
+                (generation << 32) | 1
+            };
             match inner
                 .probe_ok
-                .compare_exchange(ok, ok + 1, Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(ok, next, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => break,
+                Ok(_) => {
+                    ok = next;
+                    break;
+                }
                 Err(now) => ok = now,
             }
         }
-        if (ok & 0xFFFF_FFFF) + 1 >= u64::from(inner.probes) {
+        if ok & 0xFFFF_FFFF >= u64::from(inner.probes) {
             let word = inner.word.load(Ordering::Acquire);
             let (state, current, _) = unpack(word);
             if state == State::HalfOpen && current == generation {
@@ -1142,18 +1145,9 @@ impl Breaker {
         let next = pack(state, generation, deadline_ms);
         let prev = inner.word.swap(next, Ordering::AcqRel);
         let (from, prev_gen, _) = unpack(prev);
-        if from != state || prev_gen != generation & GEN_MASK {
-            if state == State::HalfOpen && (from != State::HalfOpen || prev_gen != generation) {
-                for slot in inner.probe_slots.iter() {
-                    slot.store(0, Ordering::Release);
-                }
-                inner
-                    .probe_ok
-                    .store((generation & GEN_MASK) << 32, Ordering::Release);
-            }
-            if state == State::Closed && from != State::Closed {
-                self.clear_windows();
-            }
+        let _ = prev_gen;
+        if state == State::Closed && from != State::Closed {
+            self.clear_windows();
         }
         if from != state {
             self.notify(from, state);
