@@ -66,6 +66,8 @@
 //! shifts when each sees the pause end; probe admission is still exactly N fleet-wide because
 //! it goes through the backend.
 
+#[cfg(feature = "http")]
+pub mod layer;
 pub(crate) mod shared;
 
 use std::fmt;
