@@ -40,6 +40,8 @@
 
 pub mod bucket;
 mod client;
+#[cfg(feature = "openfeature")]
+pub mod openfeature;
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
