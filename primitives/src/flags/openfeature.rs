@@ -30,7 +30,8 @@
 //! let client = api.create_client();
 //! drop(api);
 //! let ctx = EvaluationContext::default().with_targeting_key("user-42");
-//! assert!(client.get_bool_value("new-checkout", Some(&ctx), None).await?);
+//! let on = client.get_bool_value("new-checkout", Some(&ctx), None).await;
+//! assert_eq!(on, Ok(true));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! # })
 //! # }
