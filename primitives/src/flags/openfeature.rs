@@ -50,6 +50,10 @@ use open_feature::{
 
 use super::{Details, EvalContext, FlagClient, Reason};
 
+/// The `open-feature` crate this provider implements, re-exported so callers use the same
+/// version.
+pub use open_feature;
+
 /// The provider's name in OpenFeature metadata.
 pub const PROVIDER_NAME: &str = "keel";
 
