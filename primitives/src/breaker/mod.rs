@@ -456,6 +456,23 @@ impl BreakerBuilder {
             });
         }
         let probe_slots = (0..self.probes).map(|_| AtomicU64::new(0)).collect();
+        let times_calls = self
+            .policies
+            .iter()
+            .any(|p| matches!(p, Policy::SlowCallRate { .. }));
+        let needs_now_to_record = self.backend.is_some()
+            || self.policies.iter().any(|p| {
+                matches!(
+                    p,
+                    Policy::FailureRate {
+                        window: Window::Time(_),
+                        ..
+                    } | Policy::SlowCallRate {
+                        window: Window::Time(_),
+                        ..
+                    }
+                )
+            });
         let shared = self.backend.map(|b| shared::Shared::new(b, &self.name));
         let inner = Inner {
             name: self.name,
@@ -465,6 +482,8 @@ impl BreakerBuilder {
             backoff_factor: self.backoff_factor,
             jitter: self.jitter,
             probes: self.probes,
+            times_calls,
+            needs_now_to_record,
             probe_timeout: self.probe_timeout,
             refresh_interval: self.refresh_interval,
             clock: self.clock,
@@ -507,6 +526,10 @@ pub(crate) struct Inner {
     backoff_factor: u32,
     jitter: f64,
     pub(crate) probes: u32,
+    /// A slow-call policy exists: calls are timed.
+    times_calls: bool,
+    /// A time window exists, or the breaker is shared: recording an outcome needs the time.
+    needs_now_to_record: bool,
     pub(crate) probe_timeout: Duration,
     pub(crate) refresh_interval: Duration,
     pub(crate) clock: Arc<dyn Clock>,
@@ -609,12 +632,15 @@ impl Permit {
     /// Reports the call's outcome (its duration is measured from the permit's creation).
     pub async fn record(mut self, outcome: Outcome) {
         self.reported = true;
-        let elapsed_ms = self
-            .breaker
-            .inner
-            .clock
-            .now_ms()
-            .saturating_sub(self.started_ms);
+        let elapsed_ms = if self.breaker.inner.times_calls {
+            self.breaker
+                .inner
+                .clock
+                .now_ms()
+                .saturating_sub(self.started_ms)
+        } else {
+            0
+        };
         let kind = self.kind.clone();
         self.breaker.report(kind, outcome, elapsed_ms).await;
     }
@@ -770,8 +796,28 @@ impl Breaker {
     /// [`Rejected`] when the breaker is open, forced open, or half-open with every probe slot
     /// taken.
     pub async fn acquire(&self) -> Result<Permit, Rejected> {
-        let now = self.inner.clock.now_ms();
-        if let Some(s) = &self.inner.shared {
+        let inner = &self.inner;
+        // The hot path of a local breaker that is closed and has no slow-call policy needs no
+        // time at all; reading the clock can cost a system call, so it is read only when used.
+        if inner.shared.is_none() && !inner.times_calls {
+            let (state, generation, _) = unpack(inner.word.load(Ordering::Acquire));
+            let kind = match state {
+                State::Closed => Some(PermitKind::Normal { generation }),
+                State::ForcedClosed => Some(PermitKind::Forced),
+                _ => None,
+            };
+            if let Some(kind) = kind {
+                inner.counters.calls.fetch_add(1, Ordering::Relaxed);
+                return Ok(Permit {
+                    breaker: self.clone(),
+                    kind,
+                    started_ms: 0,
+                    reported: false,
+                });
+            }
+        }
+        let now = inner.clock.now_ms();
+        if let Some(s) = &inner.shared {
             s.maybe_refresh(self, now).await;
         }
         let kind = match self.admit(now).await {
@@ -932,20 +978,24 @@ impl Breaker {
                 if state != State::Closed || current != generation {
                     return;
                 }
-                let now = inner.clock.now_ms();
+                let now = if inner.needs_now_to_record {
+                    inner.clock.now_ms()
+                } else {
+                    0
+                };
                 let trip = self.record_closed(failed, elapsed_ms, now);
                 match &inner.shared {
                     Some(s) if !s.fallback.load(Ordering::Acquire) => {
                         if let Err(e) = s.record_closed(self, failed, elapsed_ms, now).await {
                             s.enter_fallback(self, &e);
                             if trip {
-                                self.trip_local(generation, now);
+                                self.trip_local(generation, inner.clock.now_ms());
                             }
                         }
                     }
                     _ => {
                         if trip {
-                            self.trip_local(generation, now);
+                            self.trip_local(generation, inner.clock.now_ms());
                         }
                     }
                 }
