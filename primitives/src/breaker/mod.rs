@@ -460,19 +460,18 @@ impl BreakerBuilder {
             .policies
             .iter()
             .any(|p| matches!(p, Policy::SlowCallRate { .. }));
-        let needs_now_to_record = self.backend.is_some()
-            || self.policies.iter().any(|p| {
-                matches!(
-                    p,
-                    Policy::FailureRate {
-                        window: Window::Time(_),
-                        ..
-                    } | Policy::SlowCallRate {
-                        window: Window::Time(_),
-                        ..
-                    }
-                )
-            });
+        let needs_now_to_record = self.policies.iter().any(|p| {
+            matches!(
+                p,
+                Policy::FailureRate {
+                    window: Window::Time(_),
+                    ..
+                } | Policy::SlowCallRate {
+                    window: Window::Time(_),
+                    ..
+                }
+            )
+        });
         let shared = self.backend.map(|b| shared::Shared::new(b, &self.name));
         let inner = Inner {
             name: self.name,
@@ -528,7 +527,7 @@ pub(crate) struct Inner {
     pub(crate) probes: u32,
     /// A slow-call policy exists: calls are timed.
     times_calls: bool,
-    /// A time window exists, or the breaker is shared: recording an outcome needs the time.
+    /// A time window exists: recording any outcome needs the time.
     needs_now_to_record: bool,
     pub(crate) probe_timeout: Duration,
     pub(crate) refresh_interval: Duration,
@@ -978,7 +977,9 @@ impl Breaker {
                 if state != State::Closed || current != generation {
                     return;
                 }
-                let now = if inner.needs_now_to_record {
+                // A success on a breaker without time windows needs no time (a shared one
+                // only counts it locally until the next refresh).
+                let now = if inner.needs_now_to_record || failed || inner.times_calls {
                     inner.clock.now_ms()
                 } else {
                     0
