@@ -217,21 +217,15 @@ async fn breakers(cell: Duration, redis: Arc<dyn Backend>) -> Vec<Cell> {
     let svc = || service_fn(|x: u64| async move { Ok::<_, Infallible>(black_box(x)) });
     let tower_bare = {
         let s = svc();
-        let one = measure(cell, move || {
-            let s = s.clone();
-            async move {
-                let r = s.oneshot(1).await;
-                black_box(r.is_ok());
-            }
+        let one = measure(cell, move || async move {
+            let r = s.oneshot(1).await;
+            black_box(r.is_ok());
         })
         .await;
         let many = measure_concurrent(cell, || {
             let s = svc();
-            move || {
-                let s = s.clone();
-                async move {
-                    black_box(s.oneshot(1).await.is_ok());
-                }
+            move || async move {
+                black_box(s.oneshot(1).await.is_ok());
             }
         })
         .await;

@@ -1247,10 +1247,10 @@ impl Breaker {
         let next = (generation + 1) & GEN_MASK;
         self.inner.trips.store(0, Ordering::Release);
         self.clear_windows();
-        if let Some(s) = &self.inner.shared {
-            if s.force(self, state).await {
-                return;
-            }
+        if let Some(s) = &self.inner.shared
+            && s.force(self, state).await
+        {
+            return;
         }
         self.set_local(state, next, 0);
     }

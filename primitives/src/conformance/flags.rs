@@ -363,7 +363,8 @@ async fn flags_invalid_documents_are_refused_and_nothing_written(c: Ctx) {
     let backend = confined(&c);
     let store = FlagStore::new(Arc::clone(&backend));
     let base = r#""enabled": true, "variants": {"a": 1, "b": 2}, "default_variant": "a""#;
-    let bad: &[(&str, fn(&FlagError) -> bool)] = &[
+    type Check = fn(&FlagError) -> bool;
+    let bad: &[(&str, Check)] = &[
         (
             r#"{"key": "w", ENABLED, "rules": [{"rollout": {"percentage": 50, "variants": [{"name": "a", "weight": 60}, {"name": "b", "weight": 30}]}}]}"#,
             |e| matches!(e, FlagError::WeightsNot100 { sum: 90, .. }),

@@ -1,7 +1,8 @@
 //! Deterministic bucketing, compatible with Unleash's normalisation so a service migrating from
-//! Unleash keeps every subject in the same bucket: `murmur3_32("{group}:{id}", seed) % modulus
-//! + 1`, with seed 0 and modulus 100 for the rollout percentage, and seed [`VARIANT_SEED`] and
-//! modulus 1000 (the total variant weight) for variant selection.
+//! Unleash keeps every subject in the same bucket: the bucket is
+//! `murmur3_32("{group}:{id}", seed) % modulus + 1`, with seed 0 and modulus 100 for the
+//! rollout percentage, and seed [`VARIANT_SEED`] and modulus 1000 (the total variant weight)
+//! for variant selection.
 
 /// The seed Unleash uses to pick a variant (so variant and rollout buckets are independent).
 pub const VARIANT_SEED: u32 = 86_028_157;
@@ -66,6 +67,9 @@ mod tests {
 
     /// A second, independent MurmurHash3 x86_32, written from the reference algorithm's
     /// description byte by byte (no chunking helpers), to cross-check the one above.
+    // Rotations are spelled out as shifts on purpose: this copy must not share code or idioms
+    // with the implementation it checks.
+    #[allow(clippy::manual_rotate)]
     fn reference_murmur(data: &[u8], seed: u32) -> u32 {
         let mut h1: u32 = seed;
         let nblocks = data.len() / 4;

@@ -281,10 +281,10 @@ impl EvalContext {
     }
 
     fn get(&self, name: &str) -> Option<&str> {
-        if name == "userId" {
-            if let Some(k) = &self.targeting_key {
-                return Some(k);
-            }
+        if name == "userId"
+            && let Some(k) = &self.targeting_key
+        {
+            return Some(k);
         }
         self.attributes.get(name).map(String::as_str)
     }
@@ -448,10 +448,10 @@ impl Flag {
             if self.block.iter().any(|b| b == id) {
                 return serve(&self.default_variant, Reason::TargetingMatch);
             }
-            if let Some(a) = &self.allow {
-                if a.ids.iter().any(|i| i == id) {
-                    return serve(&a.variant, Reason::TargetingMatch);
-                }
+            if let Some(a) = &self.allow
+                && a.ids.iter().any(|i| i == id)
+            {
+                return serve(&a.variant, Reason::TargetingMatch);
             }
         }
         for rule in &self.rules {
