@@ -29,6 +29,10 @@
 //! While closed, a success costs no backend call: successes are counted locally and added to
 //! the window counters at the next refresh or failure. A failure costs one `incr` per policy
 //! (two for a count window). The view refresh is one `get` per refresh interval per replica.
+//! While the local view says open-and-expired or half-open, admission goes to the backend: one
+//! `get` (plus the CAS to half-open, once) and up to N `set_nx` per call, including calls that
+//! find every probe slot taken and are rejected. That lasts until the probes report, typically
+//! one call's latency.
 //!
 //! # Backend failure
 //! Any backend error switches the breaker to local mode ([`Mode::LocalFallback`]) with a
