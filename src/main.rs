@@ -156,9 +156,48 @@ enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Manage feature flags in the store (validated JSON documents, as a service's FlagStore
+    /// writes them).
+    #[command(subcommand)]
+    Flags(FlagsCommand),
     /// A narrated tour of the engine on the store directory, using only keys under `demo:`
     /// (which it resets first, so it can be run again).
     Demo,
+}
+
+/// `keel flags` subcommands.
+#[derive(Debug, Subcommand)]
+enum FlagsCommand {
+    /// One line per flag: key, on/off, version, default variant.
+    List,
+    /// Print flag NAME's JSON document; exits 1 if there is none.
+    Get {
+        /// The flag key.
+        name: String,
+    },
+    /// Validate the JSON document in FILE (`-` for standard input) and write it; prints the
+    /// key and the version written. An invalid document is refused (exit 2) with the reason,
+    /// and nothing is written.
+    Set {
+        /// The flag document.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Turn flag NAME on (its rules apply again); prints the new version.
+    Enable {
+        /// The flag key.
+        name: String,
+    },
+    /// Turn flag NAME off (the kill switch: everyone gets its default variant).
+    Disable {
+        /// The flag key.
+        name: String,
+    },
+    /// Delete flag NAME; prints 1 if it existed, 0 if not.
+    Delete {
+        /// The flag key.
+        name: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -218,6 +257,14 @@ fn run(command: Command, dir: &std::path::Path, out: &mut dyn Write) -> CmdResul
         Command::Dump => commands::dump(dir, out),
         Command::Load { file } => commands::load(dir, &file, out),
         Command::Demo => cli::demo::run(dir, out),
+        Command::Flags(flags) => match flags {
+            FlagsCommand::List => cli::flags::list(dir, out),
+            FlagsCommand::Get { name } => cli::flags::get(dir, &name, out),
+            FlagsCommand::Set { file } => cli::flags::set(dir, &file, out),
+            FlagsCommand::Enable { name } => cli::flags::set_enabled(dir, &name, true, out),
+            FlagsCommand::Disable { name } => cli::flags::set_enabled(dir, &name, false, out),
+            FlagsCommand::Delete { name } => cli::flags::delete(dir, &name, out),
+        },
     }
 }
 

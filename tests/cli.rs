@@ -733,3 +733,86 @@ fn compact_snapshots_and_the_store_reopens_from_it() {
     );
     assert_eq!(keel(&dir, ["get", "k49"]).stdout, b"v49");
 }
+
+const FLAG_DOC: &str = r#"{"key": "new-checkout", "enabled": true,
+  "variants": {"on": true, "off": false}, "default_variant": "off",
+  "rules": [{"rollout": {"percentage": 25, "variants": [{"name": "on", "weight": 100}]}}]}"#;
+
+#[test]
+fn flags_set_get_list_enable_disable_delete() {
+    let (tmp, dir) = store();
+    let file = tmp.path().join("flag.json");
+    fs::write(&file, FLAG_DOC).unwrap();
+    let run = keel(
+        &dir,
+        [OsStr::new("flags"), OsStr::new("set"), file.as_os_str()],
+    );
+    assert_code(&run, 0);
+    assert_eq!(run.stdout(), "new-checkout v1\n");
+    let run = keel(&dir, ["flags", "list"]);
+    assert_code(&run, 0);
+    assert_eq!(run.stdout(), "new-checkout\ton\tv1\tdefault=off\n");
+    let run = keel(&dir, ["flags", "disable", "new-checkout"]);
+    assert_code(&run, 0);
+    assert_eq!(run.stdout(), "new-checkout disabled v2\n");
+    let run = keel(&dir, ["flags", "get", "new-checkout"]);
+    assert_code(&run, 0);
+    let doc: serde_json::Value = serde_json::from_slice(&run.stdout).unwrap();
+    assert_eq!(doc["enabled"], false);
+    assert_eq!(doc["version"], 2);
+    assert_eq!(doc["rules"][0]["rollout"]["percentage"], 25);
+    let run = keel(&dir, ["flags", "enable", "new-checkout"]);
+    assert_eq!(run.stdout(), "new-checkout enabled v3\n");
+    // The document also goes in through standard input.
+    let run = keel_with_stdin(
+        &dir,
+        &["flags", "set", "-"],
+        FLAG_DOC.replace("new-checkout", "other").as_bytes(),
+    );
+    assert_code(&run, 0);
+    assert_eq!(keel(&dir, ["flags", "list"]).stdout().lines().count(), 2);
+    assert_eq!(keel(&dir, ["flags", "delete", "other"]).stdout(), "1\n");
+    assert_eq!(keel(&dir, ["flags", "delete", "other"]).stdout(), "0\n");
+    let run = keel(&dir, ["flags", "get", "other"]);
+    assert_code(&run, 1);
+    assert!(run.stderr.contains("does not exist"), "{}", run.stderr);
+    let run = keel(&dir, ["flags", "enable", "other"]);
+    assert_code(&run, 1);
+}
+
+#[test]
+fn flags_set_refuses_an_invalid_document_and_writes_nothing() {
+    let (tmp, dir) = store();
+    let file = tmp.path().join("bad.json");
+    fs::write(
+        &file,
+        FLAG_DOC.replace(r#""weight": 100"#, r#""weight": 90"#),
+    )
+    .unwrap();
+    let run = keel(
+        &dir,
+        [OsStr::new("flags"), OsStr::new("set"), file.as_os_str()],
+    );
+    assert_code(&run, 2);
+    assert!(run.stderr.contains("sum to 90, not 100"), "{}", run.stderr);
+    fs::write(
+        &file,
+        FLAG_DOC.replace(
+            r#"[{"rollout""#,
+            r#"[{"constraints": [{"attribute": "a", "operator": "LIKE", "value": "x"}], "rollout""#,
+        ),
+    )
+    .unwrap();
+    let run = keel(
+        &dir,
+        [OsStr::new("flags"), OsStr::new("set"), file.as_os_str()],
+    );
+    assert_code(&run, 2);
+    assert!(
+        run.stderr.contains("unknown constraint operator \"LIKE\""),
+        "{}",
+        run.stderr
+    );
+    // Nothing was written: not even a store was created.
+    assert!(!dir.exists());
+}

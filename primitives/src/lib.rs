@@ -12,9 +12,11 @@
 //! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
 
 pub mod backend;
+pub mod breaker;
 pub mod dedup;
 mod embedded;
 mod error;
+pub mod flags;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod idempotency;

@@ -9,3 +9,4 @@ pub mod dump;
 pub mod duration;
 pub mod escape;
 pub mod failure;
+pub mod flags;

@@ -115,8 +115,10 @@ macro_rules! case {
     };
 }
 
+mod breaker;
 mod cancel_point;
 mod dedup;
+mod flags;
 #[cfg(feature = "http")]
 mod http_idempotency;
 #[cfg(feature = "http")]
@@ -138,6 +140,8 @@ pub fn cases() -> Vec<Case> {
     all.extend(ratelimit::cases());
     all.extend(dedup::cases());
     all.extend(otp::cases());
+    all.extend(breaker::cases());
+    all.extend(flags::cases());
     #[cfg(feature = "http")]
     {
         all.extend(http_ratelimit::cases());
