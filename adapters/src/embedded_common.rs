@@ -561,7 +561,8 @@ pub(crate) struct Core<S: Store> {
     // store can be dropped.
     #[cfg_attr(not(test), allow(dead_code, reason = "held for its Drop"))]
     pub(crate) sweeper: Sweeper,
-    pub(crate) store: Arc<S>,
+    /// `Some` until the drop, which closes the store inside its wait (see above).
+    store: Option<Arc<S>>,
     clock: Arc<TrustedClock>,
     in_flight: Arc<InFlight>,
     /// A cancel point for tests: storage calls wait here before they start.
@@ -694,7 +695,7 @@ impl<S: Store> Core<S> {
         )?;
         Ok(Core {
             sweeper,
-            store,
+            store: Some(store),
             clock,
             in_flight: Arc::default(),
             #[cfg(test)]
@@ -706,13 +707,20 @@ impl<S: Store> Core<S> {
         S::NAME
     }
 
+    /// The store (present until the drop).
+    pub(crate) fn store(&self) -> &Arc<S> {
+        self.store
+            .as_ref()
+            .expect("the store is open until the backend is dropped")
+    }
+
     /// Runs a blocking storage call on the runtime's blocking pool, so an fsync never stalls
     /// a worker thread. Outside a Tokio runtime it runs inline.
     async fn blocking<T: Send + 'static>(
         &self,
         call: impl FnOnce(&S, &TrustedClock) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let store = Arc::clone(&self.store);
+        let store = Arc::clone(self.store());
         let clock = Arc::clone(&self.clock);
         let guard = CallGuard::new(&self.in_flight);
         #[cfg(test)]
@@ -1171,7 +1179,7 @@ pub(crate) mod tests {
         );
         for key in &short {
             assert!(
-                core.store.get_raw(key).expect("read").is_some(),
+                core.store().get_raw(key).expect("read").is_some(),
                 "swept a live entry"
             );
         }
@@ -1182,10 +1190,10 @@ pub(crate) mod tests {
             "the sweeper is not ticking"
         );
         for key in &short {
-            assert_eq!(core.store.get_raw(key).expect("read"), None, "not swept");
+            assert_eq!(core.store().get_raw(key).expect("read"), None, "not swept");
         }
-        assert!(core.store.get_raw(b"long").expect("read").is_some());
-        assert!(core.store.get_raw(b"forever").expect("read").is_some());
+        assert!(core.store().get_raw(b"long").expect("read").is_some());
+        assert!(core.store().get_raw(b"forever").expect("read").is_some());
     }
 
     /// The sweeper's delete is conditional: an entry it saw expired but that was rewritten
@@ -1202,7 +1210,7 @@ pub(crate) mod tests {
         clock.advance(Duration::from_secs(2));
         let now_ms = core.clock.now_ms();
         let heads = core
-            .store
+            .store()
             .heads(b"", None, SWEEP_BATCH_DEFAULT)
             .expect("heads");
         let expired: Vec<Vec<u8>> = heads
@@ -1212,14 +1220,14 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(expired, vec![b"rewritten".to_vec(), b"stale".to_vec()]);
         core.set(b"rewritten", b"new", None).await.expect("set");
-        core.store
+        core.store()
             .apply_each(&expired, &Op::RemoveExpired, &core.clock)
             .expect("sweep");
         assert_eq!(
             core.get(b"rewritten").await.expect("get"),
             Some(b"new".to_vec())
         );
-        assert_eq!(core.store.get_raw(b"stale").expect("read"), None);
+        assert_eq!(core.store().get_raw(b"stale").expect("read"), None);
     }
 
     /// Reading a damaged value is a typed error on every path that decodes it; a plain `set`
@@ -1240,7 +1248,10 @@ pub(crate) mod tests {
                 ErrorKind::Corruption
             );
             assert_eq!(kind(core.scan(b"", None, 10).await), ErrorKind::Corruption);
-            assert_eq!(core.store.get_raw(key).expect("read").as_deref(), Some(raw));
+            assert_eq!(
+                core.store().get_raw(key).expect("read").as_deref(),
+                Some(raw)
+            );
         }
         core.set(key, b"fresh", None)
             .await

@@ -232,7 +232,7 @@ mod tests {
     }
 
     fn put_raw(core: &Core<RedbStore>, key: &[u8], raw: &[u8]) {
-        let txn = core.store.db.begin_write().expect("begin");
+        let txn = core.store().db.begin_write().expect("begin");
         txn.open_table(TABLE)
             .expect("table")
             .insert(key, raw)

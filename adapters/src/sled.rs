@@ -92,7 +92,8 @@ impl SledBackend {
             .open()
             .map_err(sled_error)?;
         let store = SledStore {
-            db,
+            db: Some(db),
+            lock_file: dir.as_ref().join("db"),
             flush_every_write: options.flush_every_write,
         };
         Ok(SledBackend {
@@ -104,14 +105,47 @@ impl SledBackend {
 backend_via_core!(SledBackend);
 
 struct SledStore {
-    db: sled::Db,
+    /// Always `Some` until the store is dropped.
+    db: Option<sled::Db>,
+    /// The file sled holds an exclusive `flock` on while the database is open.
+    lock_file: std::path::PathBuf,
     flush_every_write: bool,
+}
+
+/// How long dropping a store waits for sled's own background work to let go of the file.
+const UNLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Drop for SledStore {
+    /// sled finishes some I/O on its own threads after its last handle is dropped, and only
+    /// then releases the file lock; a reopen before that fails with `Locked`. So the drop
+    /// waits (bounded) until the lock can be taken, which makes "drop, then reopen at once"
+    /// work (the caller, `Core`'s drop, keeps this off the async workers).
+    fn drop(&mut self) {
+        drop(self.db.take());
+        let Ok(file) = std::fs::File::open(&self.lock_file) else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        while file.try_lock().is_err() && started.elapsed() < UNLOCK_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let _ = file.unlock();
+    }
+}
+
+impl SledStore {
+    fn db(&self) -> &sled::Db {
+        // Only `drop` takes it out.
+        self.db
+            .as_ref()
+            .expect("the sled database is open until the store is dropped")
+    }
 }
 
 impl SledStore {
     /// The compare-and-swap loop: applies `op` to `key` atomically, without flushing.
     fn swap(&self, key: &[u8], op: &Op, clock: &TrustedClock) -> Result<Outcome> {
-        let mut current = self.db.get(key).map_err(sled_error)?;
+        let mut current = self.db().get(key).map_err(sled_error)?;
         loop {
             let (write, outcome) = op.apply(current.as_deref(), clock.now_ms())?;
             let new = match write {
@@ -120,7 +154,7 @@ impl SledStore {
                 Write::Remove => None,
             };
             match self
-                .db
+                .db()
                 .compare_and_swap(key, current.as_ref(), new)
                 .map_err(sled_error)?
             {
@@ -136,7 +170,7 @@ impl Store for SledStore {
     const NAME: &'static str = "sled";
 
     fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.db.get(key).map_err(sled_error)?.map(|v| v.to_vec()))
+        Ok(self.db().get(key).map_err(sled_error)?.map(|v| v.to_vec()))
     }
 
     fn apply(&self, key: &[u8], op: &Op, clock: &TrustedClock, durable: bool) -> Result<Outcome> {
@@ -145,7 +179,7 @@ impl Store for SledStore {
         // writer's write that is not on disk yet. sled's flush returns at once when nothing
         // is dirty.
         if durable || self.flush_every_write {
-            self.db.flush().map_err(sled_error)?;
+            self.db().flush().map_err(sled_error)?;
         }
         Ok(outcome)
     }
@@ -165,7 +199,7 @@ impl Store for SledStore {
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
         let range = self
-            .db
+            .db()
             .range::<&[u8], _>((scan_start(prefix, after), Bound::Unbounded))
             .map(|entry| {
                 entry
@@ -210,7 +244,7 @@ mod tests {
     }
 
     fn put_raw(core: &Core<SledStore>, key: &[u8], raw: &[u8]) {
-        core.store.db.insert(key, raw).expect("raw insert");
+        core.store().db().insert(key, raw).expect("raw insert");
     }
 
     crate::embedded_common::tests::store_tests!();
