@@ -823,7 +823,9 @@ impl Otp {
                 return Ok(Verification::ExpiredOrUnknown);
             }
             self.backend.delete(&fail_key).await?;
-            self.backend.delete(&attempts_key).await?;
+            // The attempt counter is kept (it expires with the code's TTL, and a new code has
+            // its own): deleting it would let verifications that read the code before it was
+            // consumed count from zero again, past the attempt limit.
             return Ok(Verification::Verified);
         }
         if attempt == limit {
