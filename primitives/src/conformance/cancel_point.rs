@@ -20,11 +20,14 @@ pub(crate) enum Stop {
     Before,
     /// After it took effect: only its reply is lost.
     After,
+    /// It is held back this long (real time, for a backend's TTL to elapse meanwhile), then
+    /// sent as usual.
+    Delay(Duration),
 }
 
 /// Wraps a backend; the `at`-th write (1-based, counting `set_nx`, `compare_and_swap`,
 /// `compare_and_delete`, `set`, `incr`, `incr_durable`, `delete`, `expire`, `persist`) stops
-/// for ever at `stop`, after signalling `reached`.
+/// for ever at `stop` after signalling `reached` (or, for [`Stop::Delay`], is only delayed).
 pub(crate) struct CancelPoint {
     inner: Arc<dyn Backend>,
     at: usize,
@@ -50,8 +53,13 @@ impl CancelPoint {
         if n != self.at {
             return op.await;
         }
-        if self.stop == Stop::After {
-            let _ = op.await;
+        match self.stop {
+            Stop::Delay(delay) => {
+                tokio::time::sleep(delay).await;
+                return op.await;
+            }
+            Stop::After => drop(op.await),
+            Stop::Before => {}
         }
         self.reached.notify_one();
         std::future::pending().await

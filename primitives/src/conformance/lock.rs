@@ -482,12 +482,12 @@ async fn lock_with_lock_reports_a_lease_lost_while_the_body_ran(c: Ctx) {
 /// "held by another owner". The fencing write is held back until the pending hold's TTL has
 /// passed on the backend's clock (a real TTL elapsing, the only sleep here).
 async fn lock_ttl_shorter_than_the_acquisition_reports_the_cause(c: Ctx) {
+    use super::cancel_point::{CancelPoint, Stop};
     let b = confined(&c);
-    let slow = Arc::new(SlowFence {
-        inner: Arc::clone(&b),
-        delay: ms(300),
-    });
-    let lock = Lock::new(slow);
+    // The acquisition's second write is the fencing `incr_durable`; hold it back 450 ms, far
+    // past the 50 ms TTL on any server's clock.
+    let slow = CancelPoint::new(Arc::clone(&b), 2, Stop::Delay(ms(450)));
+    let lock = Lock::new(Arc::new(slow));
     let err = lock
         .try_acquire("short", ms(50))
         .await
@@ -514,76 +514,4 @@ async fn lock_deadline_keeps_a_drift_margin(c: Ctx) {
     assert!(lease.deadline() >= before + ttl - margin);
     assert!(lease.deadline() <= after + ttl - margin);
     assert!(lease.release().await.unwrap());
-}
-
-/// Delays `incr_durable` (the fencing write) by `delay`.
-struct SlowFence {
-    inner: Arc<dyn Backend>,
-    delay: Duration,
-}
-
-#[async_trait::async_trait]
-impl Backend for SlowFence {
-    fn name(&self) -> &str {
-        self.inner.name()
-    }
-    async fn get(&self, key: &[u8]) -> crate::Result<Option<Vec<u8>>> {
-        self.inner.get(key).await
-    }
-    async fn get_with_ttl(&self, key: &[u8]) -> crate::Result<Option<(Vec<u8>, Option<Duration>)>> {
-        self.inner.get_with_ttl(key).await
-    }
-    async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> crate::Result<()> {
-        self.inner.set(key, value, ttl).await
-    }
-    async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> crate::Result<bool> {
-        self.inner.set_nx(key, value, ttl).await
-    }
-    async fn compare_and_swap(
-        &self,
-        key: &[u8],
-        expected: Option<&[u8]>,
-        new: &[u8],
-        ttl: TtlPolicy,
-    ) -> crate::Result<bool> {
-        self.inner.compare_and_swap(key, expected, new, ttl).await
-    }
-    async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> crate::Result<bool> {
-        self.inner.compare_and_delete(key, expected).await
-    }
-    async fn delete(&self, key: &[u8]) -> crate::Result<bool> {
-        self.inner.delete(key).await
-    }
-    async fn incr(&self, key: &[u8], delta: i64, ttl: Option<Duration>) -> crate::Result<i64> {
-        self.inner.incr(key, delta, ttl).await
-    }
-    async fn incr_durable(
-        &self,
-        key: &[u8],
-        delta: i64,
-        ttl: Option<Duration>,
-    ) -> crate::Result<i64> {
-        let_expire(self.delay).await;
-        self.inner.incr_durable(key, delta, ttl).await
-    }
-    async fn expire(&self, key: &[u8], ttl: Duration) -> crate::Result<bool> {
-        self.inner.expire(key, ttl).await
-    }
-    async fn persist(&self, key: &[u8]) -> crate::Result<bool> {
-        self.inner.persist(key).await
-    }
-    async fn ttl(&self, key: &[u8]) -> crate::Result<Ttl> {
-        self.inner.ttl(key).await
-    }
-    async fn scan(
-        &self,
-        prefix: &[u8],
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> crate::Result<crate::ScanPage> {
-        self.inner.scan(prefix, cursor, limit).await
-    }
-    async fn now_ms(&self) -> crate::Result<u64> {
-        self.inner.now_ms().await
-    }
 }
