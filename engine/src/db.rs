@@ -1274,6 +1274,114 @@ impl Db {
         Ok(self.pending(outcome, lsn))
     }
 
+    /// Reads `keys` and writes some of them, atomically: `decide` sees every key's live value
+    /// (or `None`) and "now", all under the keys' shard locks (taken in ascending order, as a
+    /// batch takes them), and returns one optional write per key (a value and what happens to
+    /// its TTL) with the caller's result. The writes are one WAL record, so they are recovered
+    /// all or none; no reader sees some without the others. A read-modify-write over several
+    /// keys in one call: the contract's rate-limit step runs on it.
+    ///
+    /// # Errors
+    /// Input errors (a key or value over the limits, a bad TTL), `Poisoned`, `Closed`,
+    /// `MemoryLimit`; `decide`'s own error. Nothing is written then.
+    ///
+    /// # Panics
+    /// If `decide` returns a number of writes other than `keys.len()`.
+    pub fn update_many<R>(
+        &self,
+        keys: &[&[u8]],
+        decide: impl FnOnce(&[Option<&[u8]>], u64) -> Result<(Vec<Option<(Vec<u8>, TtlPolicy)>>, R)>,
+    ) -> Result<Pending<R>> {
+        for key in keys {
+            self.check_key(key)?;
+        }
+        self.before_write()?;
+        let core = self.core();
+        let op_shards: Vec<usize> = keys.iter().map(|k| core.index.shard_of(k)).collect();
+        let mut shard_ids = op_shards.clone();
+        shard_ids.sort_unstable();
+        shard_ids.dedup();
+        let mut guards: Vec<_> = shard_ids
+            .iter()
+            .map(|&i| core.index.shard(i).write())
+            .collect();
+        let guard_of = |shard_id: &usize| {
+            shard_ids
+                .binary_search(shard_id)
+                .expect("shard was locked above")
+        };
+        let now = core.clock.now_ms();
+        let current: Vec<Option<(&[u8], u64)>> = keys
+            .iter()
+            .zip(&op_shards)
+            .map(|(key, shard_id)| {
+                guards[guard_of(shard_id)]
+                    .map
+                    .get(*key)
+                    .filter(|s| s.is_live(now))
+                    .map(|s| (&*s.value, s.expires_at_ms))
+            })
+            .collect();
+        let values: Vec<Option<&[u8]>> = current.iter().map(|c| c.map(|(v, _)| v)).collect();
+        let (writes, result) = decide(&values, now)?;
+        assert_eq!(
+            writes.len(),
+            keys.len(),
+            "update_many: decide must return one optional write per key"
+        );
+        let mut planned: Vec<(usize, Vec<u8>, u64)> = Vec::new();
+        for (i, write) in writes.into_iter().enumerate() {
+            let Some((value, ttl)) = write else { continue };
+            self.check_value(&value)?;
+            let expires_at_ms = match ttl {
+                TtlPolicy::Set(t) => now.saturating_add(ttl_ms(t)?),
+                TtlPolicy::Keep => current[i].map_or(0, |(_, at)| at),
+                TtlPolicy::Clear => 0,
+            };
+            planned.push((i, value, expires_at_ms));
+        }
+        drop(current);
+        drop(values);
+        if planned.is_empty() {
+            return Ok(Pending::ready(result));
+        }
+        let entries: Vec<Entry<'_>> = planned
+            .iter()
+            .map(|(i, value, expires_at_ms)| Entry::Put {
+                key: keys[*i],
+                value,
+                expires_at_ms: (*expires_at_ms != 0).then_some(*expires_at_ms),
+            })
+            .collect();
+        if core.max_memory.is_some() {
+            let mut growth = 0u64;
+            for (i, value, _) in &planned {
+                let key = keys[*i];
+                let old = guards[guard_of(&op_shards[*i])]
+                    .map
+                    .get(key)
+                    .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+                growth += entry_bytes(key.len(), value.len()).saturating_sub(old);
+            }
+            // The keys' own shards are locked by this thread: eviction samples the others.
+            core.make_room(None, &[], growth, now, self.durability)?;
+        }
+        let lsn = match &core.wal {
+            Some(wal) => Some(wal.shared().append(now, &entries, self.durability)?),
+            None => None,
+        };
+        drop(entries);
+        for (i, value, expires_at_ms) in planned {
+            let change = Change::Put {
+                value: value.into(),
+                expires_at_ms,
+            };
+            core.install(&mut guards[guard_of(&op_shards[i])], keys[i], change);
+        }
+        drop(guards);
+        Ok(self.pending(result, lsn))
+    }
+
     fn apply_batch(&self, batch: &Batch) -> Result<Pending<Outcome>> {
         let core = self.core();
         let limits = core.limits;

@@ -9,7 +9,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_engine::{Db, Durability, Op, Options, Outcome};
 
-use crate::backend::{Backend, ScanCursor, ScanPage, Ttl, TtlPolicy, check_key};
+use crate::backend::rate;
+use crate::backend::{
+    Backend, RateMode, RateOutcome, RateRule, ScanCursor, ScanPage, Ttl, TtlPolicy, check_key,
+};
 use crate::error::Result;
 
 /// The embedded engine as a [`Backend`].
@@ -170,5 +173,31 @@ impl Backend for Embedded {
 
     async fn now_ms(&self) -> Result<u64> {
         Ok(self.db.now_ms())
+    }
+
+    /// The native step: every rule's state read, decided and written under the keys' shard
+    /// locks, as one WAL record (see `Db::update_many`).
+    async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        rate::validate(rules)?;
+        let keys: Vec<&[u8]> = rules.iter().map(|r| r.key).collect();
+        let pending = self.db.update_many(&keys, |states, now| {
+            let (outcome, writes) = rate::decide(rules, states, at_ms.unwrap_or(now), mode);
+            let writes = writes
+                .into_iter()
+                .map(|w| {
+                    w.map(|w| {
+                        let ttl = w.ttl_policy();
+                        (w.value, ttl)
+                    })
+                })
+                .collect();
+            Ok((writes, outcome))
+        })?;
+        Ok(pending.await?)
     }
 }

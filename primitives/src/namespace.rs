@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::{Backend, ScanCursor, ScanPage, Ttl, TtlPolicy};
+use crate::backend::{
+    Backend, RateMode, RateOutcome, RateRule, ScanCursor, ScanPage, Ttl, TtlPolicy,
+};
 use crate::error::Result;
 
 /// Wraps a backend so every key is stored as `prefix + key`; scans see only this namespace and
@@ -116,5 +118,19 @@ impl Backend for Namespaced {
     }
     async fn now_ms(&self) -> Result<u64> {
         self.inner.now_ms().await
+    }
+    async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        let keys: Vec<Vec<u8>> = rules.iter().map(|r| self.key(r.key)).collect();
+        let prefixed: Vec<RateRule<'_>> = rules
+            .iter()
+            .zip(&keys)
+            .map(|(r, key)| RateRule { key, ..*r })
+            .collect();
+        self.inner.rate_limit(&prefixed, mode, at_ms).await
     }
 }

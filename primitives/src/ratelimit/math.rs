@@ -9,7 +9,7 @@
 
 /// A validated quota in integer units.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Params {
+pub(crate) struct Params {
     /// Requests (cost units) per period.
     pub limit: u64,
     /// The period (window) in ms, at least 1.
@@ -20,7 +20,7 @@ pub(super) struct Params {
 
 /// A strategy's answer, before it is dressed up as a `Decision`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Verdict {
+pub(crate) struct Verdict {
     pub allowed: bool,
     pub remaining: u64,
     pub reset_after_ms: u64,
@@ -40,12 +40,12 @@ fn ceil_div(n: u128, d: u128) -> u128 {
 }
 
 /// Which fixed window `now_ms` falls in and how far into it: `(index, elapsed_ms)`.
-pub(super) fn window(p: &Params, now_ms: u64) -> (u64, u64) {
+pub(crate) fn window(p: &Params, now_ms: u64) -> (u64, u64) {
     (now_ms / p.period_ms, now_ms % p.period_ms)
 }
 
 /// Fixed window: `count` is the window's counter before this request.
-pub(super) fn fixed_window(p: &Params, elapsed_ms: u64, count: i64, cost: u64) -> Verdict {
+pub(crate) fn fixed_window(p: &Params, elapsed_ms: u64, count: i64, cost: u64) -> Verdict {
     let limit = i128::from(p.limit);
     let count = i128::from(count.max(0));
     let cost = i128::from(cost);
@@ -71,7 +71,7 @@ pub(super) fn fixed_window(p: &Params, elapsed_ms: u64, count: i64, cost: u64) -
 /// Sliding window (two-window weighted counter): `prev` and `curr` are the previous and
 /// current windows' counters before this request; the estimate is
 /// `prev * (period - elapsed) / period + curr`, compared exactly (scaled by the period).
-pub(super) fn sliding_window(
+pub(crate) fn sliding_window(
     p: &Params,
     elapsed_ms: u64,
     prev: i64,
@@ -130,7 +130,7 @@ pub(super) fn sliding_window(
 
 /// GCRA: `tat` is the stored theoretical arrival time (ms × limit). Returns the verdict and
 /// the TAT to store if allowed.
-pub(super) fn gcra(p: &Params, tat: Option<u128>, now_ms: u64, cost: u64) -> (Verdict, u128) {
+pub(crate) fn gcra(p: &Params, tat: Option<u128>, now_ms: u64, cost: u64) -> (Verdict, u128) {
     let limit = u128::from(p.limit);
     let interval = u128::from(p.period_ms); // emission interval, scaled by limit
     let capacity = u128::from(p.burst) * interval;
@@ -151,7 +151,7 @@ pub(super) fn gcra(p: &Params, tat: Option<u128>, now_ms: u64, cost: u64) -> (Ve
 
 /// Token bucket: `state` is `(level, last_ms)` with the level in tokens × period_ms. Returns
 /// the verdict and the state to store if allowed.
-pub(super) fn token_bucket(
+pub(crate) fn token_bucket(
     p: &Params,
     state: Option<(u128, u64)>,
     now_ms: u64,
@@ -180,7 +180,7 @@ pub(super) fn token_bucket(
 
 /// Gives back a GCRA admission of `cost`: the TAT moves back by `cost` intervals, never
 /// before now. Returns the TAT and its TTL in ms.
-pub(super) fn gcra_refund(p: &Params, tat: u128, now_ms: u64, cost: u64) -> (u128, u64) {
+pub(crate) fn gcra_refund(p: &Params, tat: u128, now_ms: u64, cost: u64) -> (u128, u64) {
     let limit = u128::from(p.limit);
     let now = u128::from(now_ms) * limit;
     let back = u128::from(cost) * u128::from(p.period_ms);
@@ -190,7 +190,7 @@ pub(super) fn gcra_refund(p: &Params, tat: u128, now_ms: u64, cost: u64) -> (u12
 
 /// Gives back a token bucket admission of `cost`, capped at the burst. Returns the state and
 /// its TTL in ms.
-pub(super) fn bucket_refund(
+pub(crate) fn bucket_refund(
     p: &Params,
     (level, last): (u128, u64),
     now_ms: u64,
@@ -204,63 +204,6 @@ pub(super) fn bucket_refund(
     let level = level.saturating_add(u128::from(cost) * unit).min(capacity);
     let ttl_ms = to_u64_wide(ceil_div(capacity - level, rate));
     ((level, last.max(now_ms)), ttl_ms)
-}
-
-/// Stored GCRA state: `"G" 1 | tat: u128 LE | scale (the limit it was computed with): u64 LE`.
-const GCRA_TAG: [u8; 2] = [b'G', 1];
-const GCRA_STATE_BYTES: usize = 2 + 16 + 8;
-/// Stored token bucket state:
-/// `"T" 1 | level: u128 LE | last_ms: u64 LE | scale (period_ms it was computed with): u64 LE`.
-const BUCKET_TAG: [u8; 2] = [b'T', 1];
-const BUCKET_STATE_BYTES: usize = 2 + 16 + 8 + 8;
-
-pub(super) fn encode_gcra(p: &Params, tat: u128) -> Vec<u8> {
-    let mut out = Vec::with_capacity(GCRA_STATE_BYTES);
-    out.extend_from_slice(&GCRA_TAG);
-    out.extend_from_slice(&tat.to_le_bytes());
-    out.extend_from_slice(&p.limit.to_le_bytes());
-    out
-}
-
-/// The TAT in this quota's scale, or `None` for a value that is not GCRA state (treated as
-/// absent and overwritten).
-pub(super) fn decode_gcra(p: &Params, raw: &[u8]) -> Option<u128> {
-    if raw.len() != GCRA_STATE_BYTES || raw[..2] != GCRA_TAG {
-        return None;
-    }
-    let tat = u128::from_le_bytes(raw[2..18].try_into().ok()?);
-    let scale = u64::from_le_bytes(raw[18..26].try_into().ok()?);
-    if scale == 0 {
-        return None;
-    }
-    // The per-key quota changed: keep the same absolute time in the new scale.
-    Some(tat.saturating_mul(u128::from(p.limit)) / u128::from(scale))
-}
-
-pub(super) fn encode_bucket(p: &Params, level: u128, last_ms: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(BUCKET_STATE_BYTES);
-    out.extend_from_slice(&BUCKET_TAG);
-    out.extend_from_slice(&level.to_le_bytes());
-    out.extend_from_slice(&last_ms.to_le_bytes());
-    out.extend_from_slice(&p.period_ms.to_le_bytes());
-    out
-}
-
-/// `(level, last_ms)` in this quota's scale, or `None` for a value that is not bucket state.
-pub(super) fn decode_bucket(p: &Params, raw: &[u8]) -> Option<(u128, u64)> {
-    if raw.len() != BUCKET_STATE_BYTES || raw[..2] != BUCKET_TAG {
-        return None;
-    }
-    let level = u128::from_le_bytes(raw[2..18].try_into().ok()?);
-    let last = u64::from_le_bytes(raw[18..26].try_into().ok()?);
-    let scale = u64::from_le_bytes(raw[26..34].try_into().ok()?);
-    if scale == 0 {
-        return None;
-    }
-    Some((
-        level.saturating_mul(u128::from(p.period_ms)) / u128::from(scale),
-        last,
-    ))
 }
 
 #[cfg(test)]
@@ -422,16 +365,5 @@ mod tests {
         let ((level, _), ttl) = bucket_refund(&P, state, 1000, 2);
         assert_eq!(level, 7 * 1000);
         assert_eq!(ttl, 300);
-    }
-
-    #[test]
-    fn state_round_trips_and_rescales() {
-        let tat = 123_456_789u128;
-        assert_eq!(decode_gcra(&P, &encode_gcra(&P, tat)), Some(tat));
-        let doubled = Params { limit: 20, ..P };
-        assert_eq!(decode_gcra(&doubled, &encode_gcra(&P, tat)), Some(tat * 2));
-        assert_eq!(decode_bucket(&P, &encode_bucket(&P, 77, 5)), Some((77, 5)));
-        assert_eq!(decode_gcra(&P, b"12"), None);
-        assert_eq!(decode_bucket(&P, &encode_gcra(&P, tat)), None);
     }
 }

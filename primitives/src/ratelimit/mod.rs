@@ -86,7 +86,7 @@
 
 #[cfg(feature = "http")]
 pub mod layer;
-mod math;
+pub(crate) mod math;
 mod stacked;
 
 #[cfg(feature = "http")]
@@ -101,27 +101,19 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::backend::{Backend, TTL_MAX, TtlPolicy, parse_i64};
-use crate::error::{Error, ErrorKind};
+use crate::backend::rate;
+use crate::backend::{Backend, RateAlgorithm, RateMode, RateRule, RateVerdict, TTL_MAX};
+use crate::error::Error;
 
 pub use keel_engine::{Clock, ManualClock, SystemClock};
 pub use stacked::{PolicyDecision, QuotaOverrides, STACK_POLICIES_MAX, StackDecision, Stacked};
 
-use math::{Params, Verdict};
+use math::Params;
 
 /// Largest `limit` or `burst` a [`Quota`] may have (2^40, about 1.1 × 10^12).
 pub const QUOTA_LIMIT_MAX: u64 = 1 << 40;
 /// Longest quota period: half the longest TTL, since window counters live for two windows.
 pub const PERIOD_MAX: Duration = Duration::from_millis(TTL_MAX_MS / 2);
-/// A bound on compare-and-swap rounds per decision that [`RateLimiter::with_cas_attempts`]
-/// users may pick; by default there is none (a limiter never fails because it is busy).
-pub const CAS_ATTEMPTS_DEFAULT: u32 = 64;
-/// Lost compare-and-swap rounds retried after a mere yield, before backoff starts.
-const CAS_YIELD_ROUNDS: u32 = 2;
-/// The first backoff after a lost compare-and-swap round (jittered down to half).
-const CAS_BACKOFF_FIRST: Duration = Duration::from_millis(1);
-/// The longest backoff between compare-and-swap rounds.
-pub const CAS_BACKOFF_MAX: Duration = Duration::from_millis(32);
 /// Longest limiter name, in bytes.
 pub const NAME_BYTES_MAX: usize = 64;
 
@@ -386,17 +378,6 @@ pub enum RateLimitError {
         /// What is wrong.
         reason: String,
     },
-    /// The compare-and-swap loop lost every round to concurrent admissions, with a bound set
-    /// by [`RateLimiter::with_cas_attempts`] (there is none by default, so a default limiter
-    /// never returns this). Nothing was consumed by this call.
-    #[error(
-        "{attempts} compare-and-swap rounds lost to concurrent requests on one key; nothing \
-         was consumed, retry"
-    )]
-    Contention {
-        /// Rounds tried.
-        attempts: u32,
-    },
     /// [`RateLimiter::until_ready`] had to wait and no Tokio runtime is running.
     #[error("waiting for a rate limit needs a Tokio runtime with timers; call it inside one")]
     NoRuntime,
@@ -410,7 +391,8 @@ pub enum RateLimitError {
 /// [`Reservation::refund`] when the work it paid for was not done.
 pub struct Reservation {
     limiter: RateLimiter,
-    receipt: Receipt,
+    planned: Planned,
+    consumed_at_ms: u64,
 }
 
 impl fmt::Debug for Reservation {
@@ -426,9 +408,11 @@ impl Reservation {
     /// bucket strategies the tokens are returned, capped at the burst.
     ///
     /// # Errors
-    /// `Backend`, or `Contention` under a bound set with [`RateLimiter::with_cas_attempts`].
+    /// `Backend`.
     pub async fn refund(self) -> Result<(), RateLimitError> {
-        self.limiter.refund(self.receipt).await
+        let rule = self.planned.rule(self.limiter.algorithm());
+        rate::refund_cas(&*self.limiter.backend, &rule, self.consumed_at_ms).await?;
+        Ok(())
     }
 }
 
@@ -451,8 +435,6 @@ pub struct RateLimiter {
     strategy: Strategy,
     quotas: Arc<dyn QuotaResolver>,
     clock: Option<Arc<dyn Clock>>,
-    /// `None`: compare-and-swap rounds are retried until they win (never a `Contention`).
-    cas_attempts: Option<u32>,
 }
 
 impl fmt::Debug for RateLimiter {
@@ -473,30 +455,26 @@ impl fmt::Debug for RateLimiter {
     }
 }
 
-/// Everything one decision needs, resolved once.
-#[derive(Debug, Clone, Copy)]
-struct Prepared {
+/// One policy's part of a decision, resolved before the step: its state key, quota and cost.
+#[derive(Debug, Clone)]
+pub(crate) struct Planned {
+    state_key: Vec<u8>,
     params: Params,
     quota: Quota,
-    now_ms: u64,
+    cost: u64,
 }
 
-/// How to give back what a consuming check took (used by [`Stacked`]).
-enum Receipt {
-    Counter {
-        key: Vec<u8>,
-        cost: i64,
-    },
-    Gcra {
-        key: Vec<u8>,
-        cost: u64,
-        prepared: Prepared,
-    },
-    Bucket {
-        key: Vec<u8>,
-        cost: u64,
-        prepared: Prepared,
-    },
+impl Planned {
+    fn rule(&self, algorithm: RateAlgorithm) -> RateRule<'_> {
+        RateRule {
+            key: &self.state_key,
+            algorithm,
+            limit: self.params.limit,
+            period_ms: self.params.period_ms,
+            burst: self.params.burst,
+            cost: self.cost,
+        }
+    }
 }
 
 impl RateLimiter {
@@ -523,7 +501,6 @@ impl RateLimiter {
             strategy,
             quotas: Arc::new(quotas),
             clock: None,
-            cas_attempts: None,
         })
     }
 
@@ -531,65 +508,6 @@ impl RateLimiter {
     pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = Some(clock);
         self
-    }
-
-    /// Bounds the compare-and-swap rounds per decision (at least 1); past them a decision
-    /// fails with [`RateLimitError::Contention`]. By default there is no bound: a limiter
-    /// never fails because its key is busy, it retries lost rounds with jittered backoff (a
-    /// round is lost only when another decision on the same key won it).
-    pub fn with_cas_attempts(mut self, attempts: u32) -> Self {
-        self.cas_attempts = Some(attempts.max(1));
-        self
-    }
-
-    /// After losing compare-and-swap round `round` (0-based): `Err` past the configured bound,
-    /// else waits a little (a yield for the first rounds, then jittered exponential backoff up
-    /// to [`CAS_BACKOFF_MAX`]) so that contending decisions spread out.
-    async fn lost_round(&self, round: u32) -> Result<(), RateLimitError> {
-        if let Some(bound) = self.cas_attempts
-            && round + 1 >= bound
-        {
-            return Err(RateLimitError::Contention { attempts: bound });
-        }
-        if round < CAS_YIELD_ROUNDS {
-            tokio::task::yield_now().await;
-        } else {
-            let exp = (round - CAS_YIELD_ROUNDS).min(5);
-            let base = (CAS_BACKOFF_FIRST * 2u32.pow(exp)).min(CAS_BACKOFF_MAX);
-            tokio::time::sleep(base.mul_f64(rand::random_range(0.5..=1.0))).await;
-        }
-        Ok(())
-    }
-
-    /// Subtracts `cost` from a window counter, never below zero: a refund or an undo that
-    /// lands after the window was reset must not leave a negative count (which would admit
-    /// more than the quota).
-    async fn decrement_floored(&self, key: &[u8], cost: i64) -> Result<(), RateLimitError> {
-        let mut round = 0;
-        loop {
-            let Some(raw) = self.backend.get(key).await? else {
-                return Ok(()); // reset or expired: nothing left to give back
-            };
-            let current = parse_i64(&raw).unwrap_or(0);
-            if current <= 0 {
-                return Ok(());
-            }
-            let next = current.saturating_sub(cost).max(0).to_string();
-            if self
-                .backend
-                .compare_and_swap(key, Some(&raw), next.as_bytes(), TtlPolicy::Keep)
-                .await?
-            {
-                return Ok(());
-            }
-            // Lost to a concurrent writer: never bounded (a refund must not fail for load).
-            if round < CAS_YIELD_ROUNDS {
-                tokio::task::yield_now().await;
-            } else {
-                tokio::time::sleep(CAS_BACKOFF_FIRST.mul_f64(rand::random_range(0.5..=1.0))).await;
-            }
-            round += 1;
-        }
     }
 
     /// The limiter's name.
@@ -611,8 +529,7 @@ impl RateLimiter {
     /// consumes nothing (see the module docs).
     ///
     /// # Errors
-    /// [`RateLimitError::CostOverCapacity`] (nothing consumed), `InvalidQuota`, `Contention`,
-    /// `Backend`.
+    /// [`RateLimitError::CostOverCapacity`] (nothing consumed), `InvalidQuota`, `Backend`.
     pub async fn check(
         &self,
         key: impl AsRef<[u8]>,
@@ -632,12 +549,9 @@ impl RateLimiter {
         cost: u64,
         quota: Option<Quota>,
     ) -> Result<Decision, RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare_with(key, cost, quota).await?;
-        if cost == 0 {
-            return self.evaluate(key, 0, &prepared).await;
-        }
-        Ok(self.consume(key, cost, &prepared, false).await?.0)
+        let planned = self.plan(key.as_ref(), cost, quota)?;
+        let (decision, _) = self.step(&planned, RateMode::Consume).await?;
+        Ok(decision)
     }
 
     /// [`RateLimiter::check`], and for an admitted request a [`Reservation`] that gives the
@@ -651,15 +565,12 @@ impl RateLimiter {
         key: impl AsRef<[u8]>,
         cost: u64,
     ) -> Result<(Decision, Option<Reservation>), RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare(key, cost).await?;
-        if cost == 0 {
-            return Ok((self.evaluate(key, 0, &prepared).await?, None));
-        }
-        let (decision, receipt) = self.consume(key, cost, &prepared, false).await?;
-        let reservation = receipt.map(|receipt| Reservation {
+        let planned = self.plan(key.as_ref(), cost, None)?;
+        let (decision, now_ms) = self.step(&planned, RateMode::Consume).await?;
+        let reservation = (decision.allowed && cost > 0).then(|| Reservation {
             limiter: self.clone(),
-            receipt,
+            planned,
+            consumed_at_ms: now_ms,
         });
         Ok((decision, reservation))
     }
@@ -703,33 +614,26 @@ impl RateLimiter {
     /// # Errors
     /// As [`RateLimiter::check`].
     pub async fn peek(&self, key: impl AsRef<[u8]>) -> Result<Decision, RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare(key, 1).await?;
-        self.evaluate(key, 1, &prepared).await
+        let planned = self.plan(key.as_ref(), 1, None)?;
+        Ok(self.step(&planned, RateMode::Peek).await?.0)
     }
 
-    /// Forgets `key`'s usage (the current and previous window, or the bucket): its full quota
-    /// is available again.
+    /// Forgets `key`'s usage: its full quota is available again.
     ///
     /// # Errors
-    /// `InvalidQuota`, `Backend`.
+    /// `Backend`.
     pub async fn reset(&self, key: impl AsRef<[u8]>) -> Result<(), RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare(key, 0).await?;
-        if self.strategy.is_window() {
-            let (index, _) = math::window(&prepared.params, prepared.now_ms);
-            self.backend
-                .delete(&self.window_key(&prepared.params, index, key))
-                .await?;
-            if let Some(previous) = index.checked_sub(1) {
-                self.backend
-                    .delete(&self.window_key(&prepared.params, previous, key))
-                    .await?;
-            }
-        } else {
-            self.backend.delete(&self.state_key(key)).await?;
-        }
+        self.backend.delete(&self.state_key(key.as_ref())).await?;
         Ok(())
+    }
+
+    fn algorithm(&self) -> RateAlgorithm {
+        match self.strategy {
+            Strategy::FixedWindow => RateAlgorithm::FixedWindow,
+            Strategy::SlidingWindow => RateAlgorithm::SlidingWindow,
+            Strategy::TokenBucket => RateAlgorithm::TokenBucket,
+            Strategy::Gcra => RateAlgorithm::Gcra,
+        }
     }
 
     fn capacity(&self, params: &Params) -> u64 {
@@ -740,341 +644,68 @@ impl RateLimiter {
         }
     }
 
-    /// Resolves and validates the quota, refuses impossible costs, and reads "now" once.
-    async fn prepare(&self, key: &[u8], cost: u64) -> Result<Prepared, RateLimitError> {
-        self.prepare_with(key, cost, None).await
-    }
-
-    /// [`RateLimiter::prepare`] with `quota` (when given) instead of the resolver's.
-    async fn prepare_with(
+    /// Resolves and validates the quota (`quota`, when given, instead of the resolver's) and
+    /// refuses impossible costs.
+    pub(crate) fn plan(
         &self,
         key: &[u8],
         cost: u64,
         quota: Option<Quota>,
-    ) -> Result<Prepared, RateLimitError> {
+    ) -> Result<Planned, RateLimitError> {
         let quota = quota.unwrap_or_else(|| self.quotas.quota(key));
         let params = quota.params()?;
         let capacity = self.capacity(&params);
         if cost > capacity {
             return Err(RateLimitError::CostOverCapacity { cost, capacity });
         }
-        let now_ms = match &self.clock {
-            Some(clock) => clock.now_ms(),
-            None => self.backend.now_ms().await?,
-        };
-        Ok(Prepared {
+        Ok(Planned {
+            state_key: self.state_key(key),
             params,
             quota,
-            now_ms,
+            cost,
         })
     }
 
-    fn decision(&self, prepared: &Prepared, verdict: Verdict) -> Decision {
+    /// The instant to decide at, when this limiter has its own clock.
+    pub(crate) fn at_ms(&self) -> Option<u64> {
+        self.clock.as_ref().map(|c| c.now_ms())
+    }
+
+    /// One step of this policy alone; the decision and the instant it was made at.
+    async fn step(
+        &self,
+        planned: &Planned,
+        mode: RateMode,
+    ) -> Result<(Decision, u64), RateLimitError> {
+        let rule = planned.rule(self.algorithm());
+        let outcome = self.backend.rate_limit(&[rule], mode, self.at_ms()).await?;
+        let verdict = outcome.verdicts.first().copied().unwrap_or_default();
+        Ok((self.decision(planned, verdict), outcome.now_ms))
+    }
+
+    pub(crate) fn decision(&self, planned: &Planned, verdict: RateVerdict) -> Decision {
         Decision {
             allowed: verdict.allowed,
-            limit: self.capacity(&prepared.params),
+            limit: self.capacity(&planned.params),
             remaining: verdict.remaining,
             reset_after: Duration::from_millis(verdict.reset_after_ms),
             retry_after: verdict.retry_after_ms.map(Duration::from_millis),
-            quota: prepared.quota,
+            quota: planned.quota,
         }
     }
 
-    fn base_key(&self) -> Vec<u8> {
-        let mut k = Vec::with_capacity(KEY_PREFIX.len() + self.name.len() + 8);
+    /// `rl:{name}:{fw|sw|tb|gcra}:{key}`: one state key per limiter and key.
+    fn state_key(&self, key: &[u8]) -> Vec<u8> {
+        let tag = self.strategy.tag();
+        let mut k =
+            Vec::with_capacity(KEY_PREFIX.len() + self.name.len() + tag.len() + 2 + key.len());
         k.extend_from_slice(KEY_PREFIX);
         k.extend_from_slice(self.name.as_bytes());
         k.push(b':');
-        k.extend_from_slice(self.strategy.tag());
+        k.extend_from_slice(tag);
         k.push(b':');
-        k
-    }
-
-    /// `rl:{name}:{tb|gcra}:{key}`.
-    fn state_key(&self, key: &[u8]) -> Vec<u8> {
-        let mut k = self.base_key();
         k.extend_from_slice(key);
         k
-    }
-
-    /// `rl:{name}:{fw|sw}:{period_ms}:{index}:{key}`. Names have no `:` and the numbers are
-    /// digits, so distinct (name, period, window, key) never share a key.
-    fn window_key(&self, params: &Params, index: u64, key: &[u8]) -> Vec<u8> {
-        let mut k = self.base_key();
-        k.extend_from_slice(format!("{}:{index}:", params.period_ms).as_bytes());
-        k.extend_from_slice(key);
-        k
-    }
-
-    fn window_ttl(params: &Params) -> Duration {
-        Duration::from_millis(params.period_ms.saturating_mul(2))
-    }
-
-    async fn counter(&self, key: &[u8]) -> Result<i64, RateLimitError> {
-        match self.backend.get(key).await? {
-            None => Ok(0),
-            // A counter is never negative (see `decrement_floored`); one written so by an
-            // older version counts as zero, never as extra room.
-            Some(raw) => parse_i64(&raw).map(|n| n.max(0)).ok_or_else(|| {
-                Error::new(
-                    ErrorKind::Corruption,
-                    format!(
-                        "rate-limit counter {:?} is not an integer; it was written by something \
-                         else: delete it",
-                        String::from_utf8_lossy(key)
-                    ),
-                )
-                .into()
-            }),
-        }
-    }
-
-    /// Decides without writing: whether `cost` would be admitted (and when it would be, if
-    /// not), with `remaining` and `reset_after` as they are now, nothing consumed.
-    async fn evaluate(
-        &self,
-        key: &[u8],
-        cost: u64,
-        prepared: &Prepared,
-    ) -> Result<Decision, RateLimitError> {
-        let p = &prepared.params;
-        let now = prepared.now_ms;
-        let judge: Box<dyn Fn(u64) -> Verdict + Send> = match self.strategy {
-            Strategy::FixedWindow => {
-                let (index, elapsed) = math::window(p, now);
-                let count = self.counter(&self.window_key(p, index, key)).await?;
-                Box::new(move |c| math::fixed_window(p, elapsed, count, c))
-            }
-            Strategy::SlidingWindow => {
-                let (index, elapsed) = math::window(p, now);
-                let (prev, curr) = self.sliding_counts(p, index, key).await?;
-                Box::new(move |c| math::sliding_window(p, elapsed, prev, curr, c))
-            }
-            Strategy::Gcra => {
-                let raw = self.backend.get(&self.state_key(key)).await?;
-                let tat = raw.as_deref().and_then(|r| math::decode_gcra(p, r));
-                Box::new(move |c| math::gcra(p, tat, now, c).0)
-            }
-            Strategy::TokenBucket => {
-                let raw = self.backend.get(&self.state_key(key)).await?;
-                let state = raw.as_deref().and_then(|r| math::decode_bucket(p, r));
-                Box::new(move |c| math::token_bucket(p, state, now, c).0)
-            }
-        };
-        let asked = judge(cost);
-        let current = judge(0);
-        Ok(self.decision(
-            prepared,
-            Verdict {
-                allowed: asked.allowed,
-                remaining: current.remaining,
-                reset_after_ms: current.reset_after_ms,
-                retry_after_ms: asked.retry_after_ms,
-            },
-        ))
-    }
-
-    async fn sliding_counts(
-        &self,
-        p: &Params,
-        index: u64,
-        key: &[u8],
-    ) -> Result<(i64, i64), RateLimitError> {
-        let prev = match index.checked_sub(1) {
-            Some(previous) => self.counter(&self.window_key(p, previous, key)).await?,
-            None => 0,
-        };
-        let curr = self.counter(&self.window_key(p, index, key)).await?;
-        Ok((prev, curr))
-    }
-
-    /// Decides and, if admitted, counts. `prechecked`: the caller has just evaluated this
-    /// request as admitted, so the counter strategies skip their read-first step.
-    async fn consume(
-        &self,
-        key: &[u8],
-        cost: u64,
-        prepared: &Prepared,
-        prechecked: bool,
-    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
-        match self.strategy {
-            Strategy::FixedWindow | Strategy::SlidingWindow => {
-                self.consume_counter(key, cost, prepared, prechecked).await
-            }
-            Strategy::Gcra | Strategy::TokenBucket => self.consume_cas(key, cost, prepared).await,
-        }
-    }
-
-    async fn consume_counter(
-        &self,
-        key: &[u8],
-        cost: u64,
-        prepared: &Prepared,
-        prechecked: bool,
-    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
-        let p = &prepared.params;
-        let (index, elapsed) = math::window(p, prepared.now_ms);
-        let sliding = self.strategy == Strategy::SlidingWindow;
-        let prev = if sliding {
-            match index.checked_sub(1) {
-                Some(previous) => self.counter(&self.window_key(p, previous, key)).await?,
-                None => 0,
-            }
-        } else {
-            0
-        };
-        let judge = |count: i64| {
-            if sliding {
-                math::sliding_window(p, elapsed, prev, count, cost)
-            } else {
-                math::fixed_window(p, elapsed, count, cost)
-            }
-        };
-        let counter_key = self.window_key(p, index, key);
-        if !prechecked {
-            // Read first: a request that would exceed is denied without writing anything.
-            let verdict = judge(self.counter(&counter_key).await?);
-            if !verdict.allowed {
-                return Ok((self.decision(prepared, verdict), None));
-            }
-        }
-        // cost <= capacity <= QUOTA_LIMIT_MAX, so it fits an i64.
-        let delta = i64::try_from(cost).unwrap_or(i64::MAX);
-        let ttl = Self::window_ttl(p);
-        let mut after = self.backend.incr(&counter_key, delta, Some(ttl)).await?;
-        if after < delta {
-            // The counter was negative (left so by an older version or an outside write):
-            // count it as zero, and repair it so that it does not admit extra requests.
-            let repaired = delta.to_string();
-            if self
-                .backend
-                .compare_and_swap(
-                    &counter_key,
-                    Some(after.to_string().as_bytes()),
-                    repaired.as_bytes(),
-                    TtlPolicy::Keep,
-                )
-                .await?
-            {
-                after = delta;
-            }
-        }
-        let verdict = judge(after.saturating_sub(delta).max(0));
-        if !verdict.allowed {
-            // A concurrent request took the room: undo ours, so the denial consumes nothing.
-            self.decrement_floored(&counter_key, delta).await?;
-            return Ok((self.decision(prepared, verdict), None));
-        }
-        let receipt = Receipt::Counter {
-            key: counter_key,
-            cost: delta,
-        };
-        Ok((self.decision(prepared, verdict), Some(receipt)))
-    }
-
-    async fn consume_cas(
-        &self,
-        key: &[u8],
-        cost: u64,
-        prepared: &Prepared,
-    ) -> Result<(Decision, Option<Receipt>), RateLimitError> {
-        let p = &prepared.params;
-        let now = prepared.now_ms;
-        let state_key = self.state_key(key);
-        let mut round = 0;
-        loop {
-            let raw = self.backend.get(&state_key).await?;
-            let (verdict, new) = match self.strategy {
-                Strategy::Gcra => {
-                    let tat = raw.as_deref().and_then(|r| math::decode_gcra(p, r));
-                    let (verdict, tat) = math::gcra(p, tat, now, cost);
-                    (verdict, math::encode_gcra(p, tat))
-                }
-                _ => {
-                    let state = raw.as_deref().and_then(|r| math::decode_bucket(p, r));
-                    let (verdict, (level, last)) = math::token_bucket(p, state, now, cost);
-                    (verdict, math::encode_bucket(p, level, last))
-                }
-            };
-            if !verdict.allowed {
-                return Ok((self.decision(prepared, verdict), None));
-            }
-            // The state is worth keeping only until the bucket is full again.
-            let ttl = state_ttl(verdict.reset_after_ms);
-            if self
-                .backend
-                .compare_and_swap(&state_key, raw.as_deref(), &new, TtlPolicy::Set(ttl))
-                .await?
-            {
-                let receipt = if self.strategy == Strategy::Gcra {
-                    Receipt::Gcra {
-                        key: state_key,
-                        cost,
-                        prepared: *prepared,
-                    }
-                } else {
-                    Receipt::Bucket {
-                        key: state_key,
-                        cost,
-                        prepared: *prepared,
-                    }
-                };
-                return Ok((self.decision(prepared, verdict), Some(receipt)));
-            }
-            self.lost_round(round).await?;
-            round += 1;
-        }
-    }
-
-    /// Gives back what a consuming check took: exact for counters; for buckets the cost is
-    /// returned (capped at the burst).
-    async fn refund(&self, receipt: Receipt) -> Result<(), RateLimitError> {
-        match receipt {
-            Receipt::Counter { key, cost } => self.decrement_floored(&key, cost).await,
-            Receipt::Gcra {
-                key,
-                cost,
-                prepared,
-            }
-            | Receipt::Bucket {
-                key,
-                cost,
-                prepared,
-            } => {
-                let p = &prepared.params;
-                let now = prepared.now_ms;
-                let mut round = 0;
-                loop {
-                    let Some(raw) = self.backend.get(&key).await? else {
-                        return Ok(()); // expired: already back to full
-                    };
-                    let refunded = if self.strategy == Strategy::Gcra {
-                        math::decode_gcra(p, &raw).map(|tat| {
-                            let (tat, ttl_ms) = math::gcra_refund(p, tat, now, cost);
-                            (math::encode_gcra(p, tat), ttl_ms)
-                        })
-                    } else {
-                        math::decode_bucket(p, &raw).map(|state| {
-                            let ((level, last), ttl_ms) = math::bucket_refund(p, state, now, cost);
-                            (math::encode_bucket(p, level, last), ttl_ms)
-                        })
-                    };
-                    let Some((new, ttl_ms)) = refunded else {
-                        return Ok(()); // not our state any more
-                    };
-                    let ttl = TtlPolicy::Set(state_ttl(ttl_ms));
-                    if self
-                        .backend
-                        .compare_and_swap(&key, Some(&raw), &new, ttl)
-                        .await?
-                    {
-                        return Ok(());
-                    }
-                    self.lost_round(round).await?;
-                    round += 1;
-                }
-            }
-        }
     }
 }
 
@@ -1087,12 +718,6 @@ impl Limiter for RateLimiter {
     async fn peek(&self, key: &[u8]) -> Result<Decision, RateLimitError> {
         RateLimiter::peek(self, key).await
     }
-}
-
-/// A bucket state's TTL: until it is full again, at least 1 ms, and never over the longest
-/// TTL (only reachable when injected clocks disagree by years).
-fn state_ttl(full_after_ms: u64) -> Duration {
-    Duration::from_millis(full_after_ms.clamp(1, TTL_MAX_MS))
 }
 
 fn validate_name(name: &str) -> Result<(), RateLimitError> {
@@ -1177,13 +802,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn window_keys_include_period_and_window() {
+    async fn window_state_names_its_period_and_window() {
         let clock = ManualClock::new(10_000);
         let l = limiter(Strategy::FixedWindow, Quota::per_second(5), &clock);
         l.check("k:1", 2).await.unwrap();
         assert_eq!(
-            l.backend.get(b"rl:t:fw:1000:10:k:1").await.unwrap(),
-            Some(b"2".to_vec())
+            l.backend.get(b"rl:t:fw:k:1").await.unwrap(),
+            Some(b"F2:1000:10:2".to_vec())
         );
     }
 

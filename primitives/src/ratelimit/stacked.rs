@@ -2,11 +2,13 @@
 //! request (e.g. 10 per second *and* 1,000 per hour).
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{Decision, Limiter, Prepared, Quota, RateLimitError, RateLimiter, Receipt};
+use super::{Decision, Limiter, Planned, Quota, RateLimitError, RateLimiter};
+use crate::backend::{RateMode, RateRule, rate};
 
 /// Most policies one [`Stacked`] limiter may combine.
 pub const STACK_POLICIES_MAX: usize = 16;
@@ -78,18 +80,16 @@ impl StackDecision {
 /// Policies applied together: a request is admitted only if every policy admits it, and a
 /// denied request consumes from none of them.
 ///
-/// How: [`Stacked::check`] first evaluates every policy without writing (like
-/// [`RateLimiter::peek`], for the request's cost). If any would deny, it returns that denial:
-/// nothing was consumed anywhere. Otherwise it consumes from each policy in order. If one now
-/// denies (a concurrent request took the room in between), the policies already consumed get
-/// their share back: exactly for the window counters (`incr(−cost)` on the same window), and
-/// as returned tokens (capped at the burst) for the token bucket and GCRA.
-///
-/// The race window, honestly: between a consumption and its refund, concurrent requests see
-/// the consumed amount and may be denied although they would fit once it is refunded. So under
-/// contention a stack can deny falsely; it never admits beyond any policy's limit (each policy
-/// admits atomically on its own). A refund that fails (backend error) is not retried: that
-/// policy stays charged, which is stricter, never looser.
+/// How: the policies are decided in one atomic step of the backend
+/// ([`Backend::rate_limit`](crate::Backend::rate_limit)): every policy at the same instant,
+/// and their states are written only if all admit. So a denied request consumes from none of
+/// them, and concurrent requests never see part of another's consumption (with the native
+/// steps of keel's backends; a backend on the default compare-and-swap step gives back the
+/// policies it wrote when a later one loses a race, and retries). That needs the policies
+/// built on one backend handle (clones of one `Arc<dyn Backend>`); policies on different
+/// handles are decided one after the other instead, each atomically, and when a later one
+/// denies, the earlier ones get their cost back (between the two, concurrent requests may see
+/// the extra usage and be denied: stricter, never looser).
 ///
 /// The reported decision, when admitted, is the policy with the least remaining (ties: the
 /// longest reset); when denied, the denying policy with the longest retry-after.
@@ -160,42 +160,96 @@ impl Stacked {
         cost: u64,
         overrides: &QuotaOverrides,
     ) -> Result<StackDecision, RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare(key, cost, overrides).await?;
-        let mut decisions = Vec::with_capacity(self.limiters.len());
-        for (limiter, p) in self.limiters.iter().zip(&prepared) {
-            decisions.push(limiter.evaluate(key, cost, p).await?);
+        let planned = self.plan(key.as_ref(), cost, overrides)?;
+        let decisions = self.step(&planned, RateMode::Consume).await?;
+        self.report(decisions)
+    }
+
+    /// All policies in one step of the backend, or one after the other when they do not
+    /// share a backend handle.
+    async fn step(
+        &self,
+        planned: &[Planned],
+        mode: RateMode,
+    ) -> Result<Vec<Decision>, RateLimitError> {
+        let first = &self.limiters[0];
+        let shared = self
+            .limiters
+            .iter()
+            .all(|l| std::ptr::addr_eq(Arc::as_ptr(&l.backend), Arc::as_ptr(&first.backend)));
+        if !shared {
+            return self.step_each(planned, mode).await;
         }
-        if cost == 0 || decisions.iter().any(|d| !d.allowed) {
-            return self.report(decisions);
+        let rules: Vec<RateRule<'_>> = self
+            .limiters
+            .iter()
+            .zip(planned)
+            .map(|(l, p)| p.rule(l.algorithm()))
+            .collect();
+        let outcome = first
+            .backend
+            .rate_limit(&rules, mode, first.at_ms())
+            .await?;
+        Ok(self
+            .limiters
+            .iter()
+            .zip(planned)
+            .zip(outcome.verdicts)
+            .map(|((l, p), v)| l.decision(p, v))
+            .collect())
+    }
+
+    async fn step_each(
+        &self,
+        planned: &[Planned],
+        mode: RateMode,
+    ) -> Result<Vec<Decision>, RateLimitError> {
+        let mut decisions = Vec::with_capacity(planned.len());
+        if mode == RateMode::Peek {
+            for (l, p) in self.limiters.iter().zip(planned) {
+                decisions.push(l.step(p, mode).await?.0);
+            }
+            return Ok(decisions);
         }
-        let mut taken: Vec<(&RateLimiter, Receipt)> = Vec::with_capacity(self.limiters.len());
-        for (i, (limiter, p)) in self.limiters.iter().zip(&prepared).enumerate() {
-            match limiter.consume(key, cost, p, true).await {
-                Ok((decision, receipt)) => {
-                    decisions[i] = decision;
-                    if !decision.allowed {
-                        refund_all(taken).await;
-                        // The policies consumed before this one were refunded: report them as
-                        // evaluated (nothing consumed), and this one's denial.
-                        for (j, (l, p)) in self.limiters.iter().zip(&prepared).enumerate() {
-                            if j < i {
-                                decisions[j] = l.evaluate(key, cost, p).await?;
-                            }
-                        }
-                        return self.report(decisions);
-                    }
-                    if let Some(receipt) = receipt {
-                        taken.push((limiter, receipt));
-                    }
-                }
+        let mut taken: Vec<(usize, u64)> = Vec::new();
+        for (i, (l, p)) in self.limiters.iter().zip(planned).enumerate() {
+            let (decision, now_ms) = match l.step(p, mode).await {
+                Ok(done) => done,
                 Err(e) => {
-                    refund_all(taken).await;
+                    self.give_back(planned, &taken).await;
                     return Err(e);
                 }
+            };
+            decisions.push(decision);
+            if !decision.allowed {
+                self.give_back(planned, &taken).await;
+                // Report the others as they are now, nothing consumed.
+                for (j, (l, p)) in self.limiters.iter().zip(planned).enumerate() {
+                    if j != i {
+                        let seen = l.step(p, RateMode::Peek).await?.0;
+                        match decisions.get_mut(j) {
+                            Some(d) => *d = seen,
+                            None => decisions.push(seen),
+                        }
+                    }
+                }
+                return Ok(decisions);
+            }
+            if p.cost > 0 {
+                taken.push((i, now_ms));
             }
         }
-        self.report(decisions)
+        Ok(decisions)
+    }
+
+    /// Gives back what the policies in `taken` consumed. Documented: a give-back that fails
+    /// leaves that policy charged (stricter, never looser).
+    async fn give_back(&self, planned: &[Planned], taken: &[(usize, u64)]) {
+        for &(i, at) in taken.iter().rev() {
+            let l = &self.limiters[i];
+            let rule = planned[i].rule(l.algorithm());
+            let _ = rate::refund_cas(&*l.backend, &rule, at).await;
+        }
     }
 
     fn report(&self, decisions: Vec<Decision>) -> Result<StackDecision, RateLimitError> {
@@ -219,34 +273,20 @@ impl Stacked {
     /// # Errors
     /// As [`RateLimiter::peek`].
     pub async fn peek(&self, key: impl AsRef<[u8]>) -> Result<Decision, RateLimitError> {
-        let key = key.as_ref();
-        let prepared = self.prepare(key, 1, &QuotaOverrides::default()).await?;
-        let mut decisions = Vec::with_capacity(self.limiters.len());
-        for (limiter, p) in self.limiters.iter().zip(&prepared) {
-            decisions.push(limiter.evaluate(key, 1, p).await?);
-        }
-        combine(&decisions)
+        let planned = self.plan(key.as_ref(), 1, &QuotaOverrides::default())?;
+        combine(&self.step(&planned, RateMode::Peek).await?)
     }
 
-    async fn prepare(
+    fn plan(
         &self,
         key: &[u8],
         cost: u64,
         overrides: &QuotaOverrides,
-    ) -> Result<Vec<Prepared>, RateLimitError> {
-        let mut prepared = Vec::with_capacity(self.limiters.len());
-        for limiter in &self.limiters {
-            let quota = overrides.get(limiter.name());
-            prepared.push(limiter.prepare_with(key, cost, quota).await?);
-        }
-        Ok(prepared)
-    }
-}
-
-async fn refund_all(taken: Vec<(&RateLimiter, Receipt)>) {
-    for (limiter, receipt) in taken.into_iter().rev() {
-        // Documented: a failed refund leaves that policy charged (stricter, never looser).
-        let _ = limiter.refund(receipt).await;
+    ) -> Result<Vec<Planned>, RateLimitError> {
+        self.limiters
+            .iter()
+            .map(|l| l.plan(key, cost, overrides.get(l.name())))
+            .collect()
     }
 }
 

@@ -53,6 +53,10 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub mod rate;
+
+pub use rate::{RateAlgorithm, RateMode, RateOutcome, RateRule, RateVerdict};
+
 pub use keel_engine::{TTL_MAX, Ttl, TtlPolicy, parse_i64};
 
 /// Largest key, in bytes, on every backend.
@@ -145,6 +149,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// The backend's trusted time, Unix milliseconds.
     async fn now_ms(&self) -> Result<u64>;
+
+    /// Decides one rate-limit step atomically: every rule at one instant (`at_ms`, or the
+    /// backend's clock), admitted only if every rule admits, and then counted in every rule's
+    /// state; a denial or a [`RateMode::Peek`] writes nothing. See [`rate`] for the rules, the
+    /// stored state and the algorithms.
+    ///
+    /// The default ([`rate::rate_limit_cas`]) is built on `now_ms`, `get` and
+    /// `compare_and_swap`; backends override it with a one-round-trip native step (a script,
+    /// one SQL statement, the engine's shard locks, a transaction) with the same answers.
+    async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        rate::rate_limit_cas(self, rules, mode, at_ms).await
+    }
 
     /// Deletes every key starting with `prefix` (e.g. a cache namespace); returns how many
     /// were deleted. Keys created during the call may survive. The default scans and deletes.
