@@ -45,8 +45,10 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use keel_engine::{Clock, SystemClock};
+use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    SCAN_LIMIT_MAX, check_key, check_value, not_an_integer, overflow, parse_i64, ttl_ms,
+    RateMode, RateOutcome, RateRule, SCAN_LIMIT_MAX, check_key, check_value, not_an_integer,
+    overflow, parse_i64, ttl_ms,
 };
 use keel_primitives::{Error, ErrorKind, Result, ScanCursor, ScanPage, Ttl, TtlPolicy};
 
@@ -393,6 +395,15 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Applies `op` to each key, each atomically (the sweeper's batch).
     fn apply_each(&self, keys: &[Vec<u8>], op: &Op, clock: &TrustedClock) -> Result<()>;
 
+    /// Reads `keys`' stored bytes and writes the new stored bytes [`decide_raw`] derives from
+    /// them, in one transaction (re-run from fresh reads if the store retries it).
+    fn update_many<R>(
+        &self,
+        keys: &[Vec<u8>],
+        clock: &TrustedClock,
+        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+    ) -> Result<R>;
+
     /// Up to `limit` `(key, head)` pairs in key order, for keys starting with `prefix` and
     /// after `after` (see [`scan_start`], [`collect_heads`] and [`head`]).
     fn heads(
@@ -401,6 +412,46 @@ pub(crate) trait Store: Send + Sync + 'static {
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>>;
+}
+
+/// New stored bytes per key (header included); `None`: leave the key alone.
+pub(crate) type RawWrites = Vec<Option<Vec<u8>>>;
+
+/// What a multi-key read-modify-write decides on: the callers' values.
+pub(crate) type Updates = Vec<Option<(Vec<u8>, TtlPolicy)>>;
+
+/// Runs `decide` on the live values inside `raws` (stored bytes) at `now_ms`, and encodes its
+/// writes back into stored bytes with their expiry (a kept TTL is the current entry's).
+pub(crate) fn decide_raw<R>(
+    raws: &[Option<&[u8]>],
+    now_ms: u64,
+    decide: impl FnOnce(&[Option<&[u8]>], u64) -> Result<(Updates, R)>,
+) -> Result<(RawWrites, R)> {
+    let mut stored = Vec::with_capacity(raws.len());
+    for raw in raws {
+        stored.push(match raw {
+            Some(raw) => Some(Stored::decode(raw)?).filter(|s| s.is_live(now_ms)),
+            None => None,
+        });
+    }
+    let values: Vec<Option<&[u8]>> = stored.iter().map(|s| s.as_ref().map(|s| s.value)).collect();
+    let (updates, result) = decide(&values, now_ms)?;
+    let mut writes = Vec::with_capacity(updates.len());
+    for (update, current) in updates.into_iter().zip(&stored) {
+        writes.push(match update {
+            None => None,
+            Some((value, ttl)) => {
+                check_value(&value)?;
+                let expires_at_ms = match ttl {
+                    TtlPolicy::Set(ttl) => after(now_ms, Some(ttl_ms(ttl)?)),
+                    TtlPolicy::Keep => current.as_ref().map_or(0, |s| s.expires_at_ms),
+                    TtlPolicy::Clear => 0,
+                };
+                Some(encode(expires_at_ms, &value))
+            }
+        });
+    }
+    Ok((writes, result))
 }
 
 /// Decodes the expiry of a scanned entry: `Some` if it is live.
@@ -747,6 +798,47 @@ impl<S: Store> Core<S> {
         }
     }
 
+    /// The native rate-limit step: the rules' states read, decided and written in one
+    /// transaction of the store, on the blocking pool.
+    pub(crate) async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        rate::validate(rules)?;
+        for rule in rules {
+            check_key(rule.key)?;
+        }
+        let keys: Vec<Vec<u8>> = rules.iter().map(|r| r.key.to_vec()).collect();
+        let owned: Vec<RateRule<'static>> =
+            rules.iter().map(|r| RateRule { key: &[], ..*r }).collect();
+        self.blocking(move |store, clock| {
+            let decide = |states: &[Option<&[u8]>], now_ms: u64| {
+                let rules: Vec<RateRule<'_>> = owned
+                    .iter()
+                    .zip(&keys)
+                    .map(|(r, key)| RateRule { key, ..*r })
+                    .collect();
+                let (outcome, writes) = rate::decide(&rules, states, at_ms.unwrap_or(now_ms), mode);
+                let updates = writes
+                    .into_iter()
+                    .map(|w| {
+                        w.map(|w| {
+                            let ttl = w.ttl_policy();
+                            (w.value, ttl)
+                        })
+                    })
+                    .collect();
+                Ok((updates, outcome))
+            };
+            store.update_many(&keys, clock, &|raws, now_ms| {
+                decide_raw(raws, now_ms, decide)
+            })
+        })
+        .await
+    }
+
     async fn apply(&self, key: &[u8], op: Op, durable: bool) -> Result<Outcome> {
         check_key(key)?;
         let key = key.to_vec();
@@ -1006,6 +1098,15 @@ macro_rules! backend_via_core {
 
             async fn now_ms(&self) -> ::keel_primitives::Result<u64> {
                 Ok(self.core.now_ms())
+            }
+
+            async fn rate_limit(
+                &self,
+                rules: &[::keel_primitives::backend::RateRule<'_>],
+                mode: ::keel_primitives::backend::RateMode,
+                at_ms: Option<u64>,
+            ) -> ::keel_primitives::Result<::keel_primitives::backend::RateOutcome> {
+                self.core.rate_limit(rules, mode, at_ms).await
             }
         }
     };

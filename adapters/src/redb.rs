@@ -30,8 +30,8 @@ use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, Tabl
 
 pub use crate::embedded_common::ExpiryOptions;
 use crate::embedded_common::{
-    Core, Op, Outcome, Store, TrustedClock, Write, backend_via_core, collect_heads, head,
-    scan_start,
+    Core, Op, Outcome, RawWrites, Store, TrustedClock, Write, backend_via_core, collect_heads,
+    head, scan_start,
 };
 
 /// The one table keel keeps its keys in.
@@ -174,6 +174,37 @@ impl Store for RedbStore {
                 wrote |= Self::apply_in(table, key, op, now_ms)?.0;
             }
             Ok((wrote, ()))
+        })
+    }
+
+    fn update_many<R>(
+        &self,
+        keys: &[Vec<u8>],
+        clock: &TrustedClock,
+        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+    ) -> Result<R> {
+        self.write(clock, |table, now_ms| {
+            let mut raws = Vec::with_capacity(keys.len());
+            for key in keys {
+                raws.push(
+                    table
+                        .get(key.as_slice())
+                        .map_err(redb_error)?
+                        .map(|guard| guard.value().to_vec()),
+                );
+            }
+            let refs: Vec<Option<&[u8]>> = raws.iter().map(Option::as_deref).collect();
+            let (writes, result) = decide(&refs, now_ms)?;
+            let mut wrote = false;
+            for (key, write) in keys.iter().zip(writes) {
+                if let Some(bytes) = write {
+                    table
+                        .insert(key.as_slice(), bytes.as_slice())
+                        .map_err(redb_error)?;
+                    wrote = true;
+                }
+            }
+            Ok((wrote, result))
         })
     }
 

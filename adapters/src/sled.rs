@@ -38,8 +38,8 @@ use keel_primitives::{Error, ErrorKind, Result};
 
 pub use crate::embedded_common::ExpiryOptions;
 use crate::embedded_common::{
-    Core, Op, Outcome, Store, TrustedClock, Write, backend_via_core, collect_heads, head,
-    scan_start,
+    Core, Op, Outcome, RawWrites, Store, TrustedClock, Write, backend_via_core, collect_heads,
+    head, scan_start,
 };
 
 /// Options for [`SledBackend::open_with`].
@@ -190,6 +190,39 @@ impl Store for SledStore {
             self.swap(key, op, clock)?;
         }
         Ok(())
+    }
+
+    fn update_many<R>(
+        &self,
+        keys: &[Vec<u8>],
+        clock: &TrustedClock,
+        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+    ) -> Result<R> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let result = self.db().transaction(|tx| {
+            let mut raws = Vec::with_capacity(keys.len());
+            for key in keys {
+                raws.push(tx.get(key)?.map(|v| v.to_vec()));
+            }
+            let refs: Vec<Option<&[u8]>> = raws.iter().map(Option::as_deref).collect();
+            let (writes, result) =
+                decide(&refs, clock.now_ms()).map_err(ConflictableTransactionError::Abort)?;
+            for (key, write) in keys.iter().zip(writes) {
+                if let Some(bytes) = write {
+                    tx.insert(key.as_slice(), bytes)?;
+                }
+            }
+            Ok(result)
+        });
+        let result = match result {
+            Ok(result) => result,
+            Err(TransactionError::Abort(e)) => return Err(e),
+            Err(TransactionError::Storage(e)) => return Err(sled_error(e)),
+        };
+        if self.flush_every_write {
+            self.db().flush().map_err(sled_error)?;
+        }
+        Ok(result)
     }
 
     fn heads(
