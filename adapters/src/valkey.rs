@@ -109,6 +109,15 @@ impl Backend for ValkeyBackend {
     ) -> Result<ScanPage> {
         self.inner.scan(prefix, cursor, limit).await
     }
+    async fn rate_limit(
+        &self,
+        rules: &[keel_primitives::backend::RateRule<'_>],
+        mode: keel_primitives::backend::RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<keel_primitives::backend::RateOutcome> {
+        self.inner.rate_limit(rules, mode, at_ms).await
+    }
+
     async fn now_ms(&self) -> Result<u64> {
         self.inner.now_ms().await
     }

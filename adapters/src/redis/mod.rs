@@ -46,7 +46,11 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use keel_primitives::backend::{check_key, check_value, not_an_integer, overflow, ttl_ms};
+use keel_primitives::backend::rate;
+use keel_primitives::backend::{
+    RateMode, RateOutcome, RateRule, RateVerdict, check_key, check_value, not_an_integer, overflow,
+    ttl_ms,
+};
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
     VALUE_BYTES_MAX,
@@ -137,6 +141,9 @@ end
 return 0
 ";
 
+/// The contract's rate-limit step (see `rate_limit.lua` for its arguments and reply).
+static RATE_LIMIT: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("rate_limit.lua")));
 static COMPARE_AND_SWAP: LazyLock<redis::Script> =
     LazyLock::new(|| redis::Script::new(COMPARE_AND_SWAP_LUA));
 static COMPARE_AND_DELETE: LazyLock<redis::Script> =
@@ -1076,6 +1083,46 @@ impl Backend for RedisBackend {
         })
     }
 
+    /// One `EVALSHA` of `rate_limit.lua`: every rule read, decided and written on the server,
+    /// at the server's `TIME` (or the instant given). Rules whose quotas Lua's doubles cannot
+    /// compute exactly, and on a cluster rules whose keys live in different slots (give the
+    /// keys one hash tag to keep a stack atomic there), take the default step instead.
+    async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        rate::validate(rules)?;
+        for rule in rules {
+            check_key(rule.key)?;
+        }
+        let one_slot = || {
+            let slot = cluster::key_slot(rules[0].key);
+            rules.iter().all(|r| cluster::key_slot(r.key) == slot)
+        };
+        if !rules.iter().all(RateRule::exact_in_f64) || (self.is_cluster() && !one_slot()) {
+            return rate::rate_limit_cas(self, rules, mode, at_ms).await;
+        }
+        let mut script = RATE_LIMIT.prepare_invoke();
+        for rule in rules {
+            script.key(rule.key);
+        }
+        script
+            .arg(if mode == RateMode::Consume { "c" } else { "p" })
+            .arg(at_ms.map(|t| t.to_string()).unwrap_or_default());
+        for rule in rules {
+            script
+                .arg(rule.algorithm.code())
+                .arg(rule.limit)
+                .arg(rule.period_ms)
+                .arg(rule.burst)
+                .arg(rule.cost);
+        }
+        let reply: Vec<i64> = self.invoke("rate_limit (script)", script).await?;
+        rate_reply(&reply, rules.len())
+    }
+
     async fn now_ms(&self) -> Result<u64> {
         let (secs, micros): (u64, u64) = self.query("TIME", cmd("TIME")).await?;
         let server_ms = secs.saturating_mul(1000).saturating_add(micros / 1000);
@@ -1684,4 +1731,39 @@ mod tests {
             "{server:?}"
         );
     }
+}
+
+/// Reads `rate_limit.lua`'s reply.
+fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
+    let bad = || {
+        Error::new(
+            ErrorKind::Permanent,
+            format!(
+                "the rate-limit script answered {reply:?} for {rules} rules; another script \
+                 may have been loaded under its SHA"
+            ),
+        )
+    };
+    let unsigned = |n: i64| u64::try_from(n).map_err(|_| bad());
+    if reply.len() != 2 + 4 * rules {
+        return Err(bad());
+    }
+    let mut verdicts = Vec::with_capacity(rules);
+    for v in reply[2..].chunks_exact(4) {
+        verdicts.push(RateVerdict {
+            allowed: v[0] == 1,
+            remaining: unsigned(v[1])?,
+            reset_after_ms: unsigned(v[2])?,
+            retry_after_ms: if v[3] < 0 {
+                None
+            } else {
+                Some(unsigned(v[3])?)
+            },
+        });
+    }
+    Ok(RateOutcome {
+        now_ms: unsigned(reply[0])?,
+        admitted: reply[1] == 1,
+        verdicts,
+    })
 }
