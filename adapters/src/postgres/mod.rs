@@ -46,7 +46,7 @@
 pub mod tls;
 
 use std::error::Error as _;
-use std::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -55,8 +55,10 @@ use deadpool_postgres::{
     ClientWrapper, Hook, HookError, Manager, ManagerConfig, Object, Pool, PoolError,
     RecyclingMethod, Runtime, StatementCache,
 };
+use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    KEY_BYTES_MAX, VALUE_BYTES_MAX, check_key, check_value, not_an_integer, overflow, ttl_ms,
+    KEY_BYTES_MAX, RateMode, RateOutcome, RateRule, RateVerdict, VALUE_BYTES_MAX, check_key,
+    check_value, not_an_integer, overflow, ttl_ms,
 };
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
@@ -204,6 +206,11 @@ struct TableName {
     /// The logged companion table of an unlogged table, `"table_fence"`, which keeps the
     /// floor of every `incr_durable` counter (see [`TableDurability::Unlogged`]).
     fence: String,
+    /// The rate-limit step's functions: `"table_rate_limit"`, its per-rule `"table_rate_judge"`
+    /// and floor division `"table_rate_fdiv"` (in the table's schema).
+    rate_step: String,
+    rate_judge: String,
+    rate_fdiv: String,
 }
 
 impl TableName {
@@ -237,6 +244,9 @@ impl TableName {
             quoted: qualify(table),
             index: format!("\"{table}{INDEX_SUFFIX}\""),
             fence: qualify(&format!("{table}{FENCE_SUFFIX}")),
+            rate_step: qualify(&format!("{table}_rate_limit")),
+            rate_judge: qualify(&format!("{table}_rate_judge")),
+            rate_fdiv: qualify(&format!("{table}_rate_fdiv")),
         })
     }
 }
@@ -275,6 +285,15 @@ fn scan_start(prefix: &[u8], cursor: Option<&ScanCursor>) -> Vec<u8> {
         }
         _ => prefix.to_vec(),
     }
+}
+
+/// The rate-limit step's functions for table `t` (`rate_limit.sql`).
+fn rate_limit_ddl(t: &TableName) -> String {
+    include_str!("rate_limit.sql")
+        .replace("{fdiv}", &t.rate_fdiv)
+        .replace("{judge}", &t.rate_judge)
+        .replace("{step}", &t.rate_step)
+        .replace("{table}", &t.quoted)
 }
 
 /// SQL that is the same for every table.
@@ -326,6 +345,7 @@ struct Sql {
     /// Deletes expired floors of an unlogged table's fence table.
     sweep_fence: Option<String>,
     now_ms: String,
+    rate_limit: String,
 }
 
 impl Sql {
@@ -411,6 +431,11 @@ impl Sql {
                  SELECT count(*) FROM d"
             ),
             now_ms: "SELECT floor(extract(epoch FROM now()) * 1000)::bigint".to_owned(),
+            rate_limit: format!(
+                "SELECT {}($1::bytea[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[], \
+                 $6::bigint[], $7::boolean, $8::bigint)",
+                table.rate_step
+            ),
         }
     }
 }
@@ -538,6 +563,9 @@ struct Shared {
     /// Sweeps that failed, and the last failure's message.
     sweep_failures: AtomicU64,
     sweep_last_error: Mutex<Option<String>>,
+    /// The rate-limit step's function was missing (a schema created by an older version):
+    /// steps take the default path until `ensure_schema` creates it.
+    rate_step_missing: AtomicBool,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -1051,6 +1079,7 @@ impl PostgresBackend {
             server_version: AtomicI32::new(0),
             sweep_failures: AtomicU64::new(0),
             sweep_last_error: Mutex::new(None),
+            rate_step_missing: AtomicBool::new(false),
         });
         check_server(&shared).await?;
         let sweeper = tokio::spawn(sweep_forever(
@@ -1097,9 +1126,10 @@ impl PostgresBackend {
              CREATE {unlogged}TABLE IF NOT EXISTS {table} (\
                key bytea PRIMARY KEY, value bytea NOT NULL, expires_at timestamptz NULL); \
              CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at) \
-               WHERE expires_at IS NOT NULL;{fence_ddl}",
+               WHERE expires_at IS NOT NULL;{fence_ddl} {rate_ddl}",
             table = t.quoted,
-            index = t.index
+            index = t.index,
+            rate_ddl = rate_limit_ddl(t),
         );
         let deadline = Instant::now() + limit;
         let client = match tokio::time::timeout_at(deadline, shared.pool.get()).await {
@@ -1118,6 +1148,7 @@ impl PostgresBackend {
             }
         }
         drop(client);
+        shared.rate_step_missing.store(false, Ordering::Relaxed);
         // The quoted name is made of identifier characters and double quotes only, so it
         // can be passed as text to to_regclass.
         let rows = shared
@@ -1516,6 +1547,67 @@ impl Backend for PostgresBackend {
             _ => None,
         };
         Ok(ScanPage { keys, next })
+    }
+
+    /// One statement calling the table's `rate_limit` function (created by `ensure_schema`):
+    /// the rules' rows read, decided in exact `numeric` arithmetic and written in the
+    /// statement's transaction, serialized per key by transaction-scoped advisory locks, at
+    /// the server's clock. A schema from an older version without the function takes the
+    /// default step (with a warning) until `ensure_schema` runs.
+    async fn rate_limit(
+        &self,
+        rules: &[RateRule<'_>],
+        mode: RateMode,
+        at_ms: Option<u64>,
+    ) -> Result<RateOutcome> {
+        rate::validate(rules)?;
+        for rule in rules {
+            check_key(rule.key)?;
+        }
+        let shared = &self.shared;
+        if shared.rate_step_missing.load(Ordering::Relaxed) {
+            return rate::rate_limit_cas(self, rules, mode, at_ms).await;
+        }
+        let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let keys: Vec<&[u8]> = rules.iter().map(|r| r.key).collect();
+        let algos: Vec<&str> = rules.iter().map(|r| r.algorithm.code()).collect();
+        let limits: Vec<i64> = rules.iter().map(|r| int(r.limit)).collect();
+        let periods: Vec<i64> = rules.iter().map(|r| int(r.period_ms)).collect();
+        let bursts: Vec<i64> = rules.iter().map(|r| int(r.burst)).collect();
+        let costs: Vec<i64> = rules.iter().map(|r| int(r.cost)).collect();
+        let consume = mode == RateMode::Consume;
+        let at = at_ms.map(int);
+        let rows = shared
+            .try_query(
+                &shared.sql.rate_limit,
+                &[
+                    &keys, &algos, &limits, &periods, &bursts, &costs, &consume, &at,
+                ],
+                shared.options.op_timeout,
+            )
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(Failure::Pg(e))
+                if e.as_db_error()
+                    .is_some_and(|db| *db.code() == SqlState::UNDEFINED_FUNCTION) =>
+            {
+                tracing::warn!(
+                    target: "keel::postgres",
+                    "the rate-limit function {} is missing (the schema predates it); rate \
+                     limits take the slower compare-and-swap path until ensure_schema() runs",
+                    shared.table.rate_step
+                );
+                shared.rate_step_missing.store(true, Ordering::Relaxed);
+                return rate::rate_limit_cas(self, rules, mode, at_ms).await;
+            }
+            Err(f) => return Err(shared.error("rate_limit", f)),
+        };
+        let reply: Vec<i64> = match rows.first() {
+            Some(row) => shared.column("rate_limit", row, 0)?,
+            None => Vec::new(),
+        };
+        rate_reply(&reply, rules.len())
     }
 
     async fn now_ms(&self) -> Result<u64> {
@@ -2395,4 +2487,39 @@ mod tests {
                 .expect_err("the private CA is not among the system's roots");
         }
     }
+}
+
+/// Reads the rate-limit function's reply: now, admitted, then four numbers per rule.
+fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
+    let bad = || {
+        Error::new(
+            ErrorKind::Permanent,
+            format!(
+                "postgres rate_limit: the function answered {reply:?} for {rules} rules; \
+                 run ensure_schema() to replace it with this version's"
+            ),
+        )
+    };
+    let unsigned = |n: i64| u64::try_from(n).map_err(|_| bad());
+    if reply.len() != 2 + 4 * rules {
+        return Err(bad());
+    }
+    let mut verdicts = Vec::with_capacity(rules);
+    for v in reply[2..].chunks_exact(4) {
+        verdicts.push(RateVerdict {
+            allowed: v[0] == 1,
+            remaining: unsigned(v[1])?,
+            reset_after_ms: unsigned(v[2])?,
+            retry_after_ms: if v[3] < 0 {
+                None
+            } else {
+                Some(unsigned(v[3])?)
+            },
+        });
+    }
+    Ok(RateOutcome {
+        now_ms: unsigned(reply[0])?,
+        admitted: reply[1] == 1,
+        verdicts,
+    })
 }
