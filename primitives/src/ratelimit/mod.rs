@@ -1,7 +1,8 @@
 //! Rate limiting on the [`Backend`] contract: fixed window, sliding window, token bucket and
-//! GCRA, per-key quotas, and stacked policies. Every decision is made atomically through the
-//! contract's operations (`incr`, `compare_and_swap`), so limiters on many application nodes
-//! sharing one backend enforce one limit together.
+//! GCRA, per-key quotas, and stacked policies. Every decision is one atomic step of the
+//! backend ([`Backend::rate_limit`]: one round trip on keel's backends, a stack of policies
+//! included), so limiters on many application nodes sharing one backend enforce one limit
+//! together, and a busy key never makes a decision fail.
 //!
 //! ```
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,8 +25,7 @@
 //! ```
 //!
 //! # Strategies
-//! - [`Strategy::FixedWindow`]: one counter per key and window (`incr`, created with a TTL of
-//!   two windows). Cheapest and exact per window, but it admits up to **2 × limit within a
+//! - [`Strategy::FixedWindow`]: one counter per key and window. Cheapest and exact per window, but it admits up to **2 × limit within a
 //!   short interval around a window boundary** (`limit` at the end of one window, `limit` at
 //!   the start of the next). Use the sliding window, the token bucket or GCRA to avoid that.
 //! - [`Strategy::SlidingWindow`]: the two-window weighted counter. The estimate is
@@ -35,38 +35,36 @@
 //!   and over a whole period less than `2 × limit`, approached only when the previous window's
 //!   traffic all came at its very end. For evenly spread traffic it is close to exact.
 //! - [`Strategy::TokenBucket`]: a bucket of `burst` tokens refilled at `limit` per `period`;
-//!   the level and the time of the last update live in one key, updated by a bounded
-//!   compare-and-swap loop. Admits at most `burst + rate × d` in any interval of length `d`.
-//! - [`Strategy::Gcra`]: the generic cell rate algorithm: one theoretical arrival time per key,
-//!   same CAS loop. Makes exactly the token bucket's decisions with smaller state.
+//!   the level and the time of the last update live in one key. Admits at most
+//!   `burst + rate × d` in any interval of length `d`.
+//! - [`Strategy::Gcra`]: the generic cell rate algorithm: one theoretical arrival time per key.
+//!   Makes exactly the token bucket's decisions with smaller state.
 //!
-//! State keys carry TTLs (two windows; or the time until the bucket is full again), so idle
-//! keys disappear by themselves and a vanished key means "full quota". Keys are
-//! `rl:{name}:{fw|sw}:{period_ms}:{window}:{key}` and `rl:{name}:{tb|gcra}:{key}`.
+//! Each limiter key has one state key, `rl:{name}:{fw|sw|tb|gcra}:{key}`, in the text form
+//! [`crate::backend::rate`] documents, with a TTL (until the end of the next window; or until
+//! the bucket is full again), so idle keys disappear by themselves and a vanished key means
+//! "full quota". On a Redis or Valkey Cluster a key with a hash tag (`{user:42}`) puts every
+//! policy of a stack in one slot, so the stack stays one step there too.
 //!
 //! # Denied requests do not consume
-//! A denial never makes the next request's outcome worse:
-//! - Fixed and sliding window read the counter(s) first; a request that would exceed is
-//!   denied without writing. Otherwise they `incr` and re-check the returned count; if a
-//!   concurrent request got there first, the increment is undone with `incr(−cost)`. Between
-//!   the increment and the undo other requests see the overshoot and may be denied although
-//!   they would fit afterwards: under contention this can deny falsely, it never admits more
-//!   than the limit. When every request has the same cost (e.g. 1) it cannot deny falsely: the
-//!   first overshoot can only happen once the window is full.
-//! - Token bucket and GCRA write only when they admit.
+//! A denial never makes the next request's outcome worse: the step writes a policy's state
+//! only when every policy of the decision admits. Counters never go below zero: a refund
+//! ([`Reservation::refund`]) that lands after a reset or in a later window gives nothing back,
+//! and a stored count that is not a plain non-negative number counts as absent.
 //!
 //! A `cost` larger than the capacity (the limit for windows, the burst for buckets) could never
 //! be admitted: [`RateLimiter::check`] refuses it with [`RateLimitError::CostOverCapacity`]
 //! and consumes nothing. A cost of 0 consumes nothing and reports the current state.
 //!
 //! # Clocks
-//! Every strategy reads "now" once per decision, by default from [`Backend::now_ms`]: the
-//! backend's trusted clock (the server's, for Redis, Valkey and Postgres), the same for every
-//! application node; it costs one round trip. [`RateLimiter::with_clock`] injects a [`Clock`]
-//! instead ([`ManualClock`] in tests; [`SystemClock`] to save the round trip on one node).
+//! Every decision reads "now" once, by default inside the backend's step: the backend's
+//! trusted clock (the server's, for Redis, Valkey and Postgres), the same for every
+//! application node, at no extra round trip. [`RateLimiter::with_clock`] injects a [`Clock`]
+//! instead ([`ManualClock`] in tests), whose reading is sent with the step.
 //! TTLs always run on the backend's clock. With a local clock, skew between nodes matters:
-//! - fixed window: a node δ ahead switches windows δ early, so around each boundary nodes
-//!   count into different windows and a key can get up to 2 × limit (more with more clocks);
+//! - fixed window: a node δ ahead switches windows δ early, so around each boundary a node
+//!   behind may count into the old window after the new one began (once the state names the
+//!   new window, nodes behind count into it too);
 //! - sliding window: the same window confusion, and a node δ ahead weighs the previous window
 //!   δ/period too little;
 //! - token bucket, GCRA: the state holds absolute times written by whichever node admitted
