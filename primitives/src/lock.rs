@@ -324,8 +324,10 @@ impl Lock {
         }
     }
 
-    /// Takes the lock `name` for `ttl`, retrying with jittered exponential backoff for up to
-    /// [`LockOptions::wait`].
+    /// Takes the lock `name` for `ttl`, retrying for up to [`LockOptions::wait`]: at once when
+    /// a lease of it is released in this process (releases, drops and abandoned acquisitions
+    /// wake the waiters), otherwise after a jittered exponential backoff (a holder in another
+    /// process, or an expiry, is seen at the next poll).
     ///
     /// # Errors
     /// [`LockError::Timeout`] if the lock was still held when the wait ran out; otherwise as
@@ -347,7 +349,13 @@ impl Lock {
         let name = name.as_ref();
         let started = Instant::now();
         let mut delay = self.options.retry_initial;
+        let released = waiters_for(&tagged(LOCK_KEY_PREFIX, name));
         loop {
+            // Registered before the attempt, so a release between a failed attempt and the
+            // wait below still wakes this waiter.
+            let wake = released.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
             if let Some(lease) = self.try_acquire(name, ttl).await? {
                 return Ok(lease);
             }
@@ -362,8 +370,14 @@ impl Lock {
                 return Err(LockError::NoRuntime);
             }
             let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
-            tokio::time::sleep(jittered.min(left)).await;
-            delay = (delay * 2).min(self.options.retry_max);
+            tokio::select! {
+                // A release in this process: try again at once.
+                () = &mut wake => {}
+                // Holders elsewhere (or an expiry): poll.
+                () = tokio::time::sleep(jittered.min(left)) => {
+                    delay = (delay * 2).min(self.options.retry_max);
+                }
+            }
         }
     }
 
@@ -604,6 +618,7 @@ impl Drop for PartialHold {
         runtime.spawn(async move {
             for value in values {
                 if let Ok(true) = backend.compare_and_delete(&key, &value).await {
+                    wake_waiters(&key);
                     return;
                 }
             }
@@ -622,6 +637,45 @@ fn tagged(prefix: &[u8], name: &[u8]) -> Vec<u8> {
     key.extend_from_slice(name);
     key.push(b'}');
     key
+}
+
+/// Waiters for locks in this process, by lease key: a release wakes them at once instead of
+/// leaving them to their next poll. Weak, so a key nobody waits for costs nothing once its
+/// waiters are gone; the map is pruned when it grows. Two backends with a lock of the same
+/// key (two namespaces, two servers) share an entry: a release of one is a spurious wake-up
+/// for the other's waiters, which just try again.
+static WAITERS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<Vec<u8>, std::sync::Weak<tokio::sync::Notify>>>,
+> = std::sync::LazyLock::new(Default::default);
+/// Entries past which [`waiters_for`] prunes the keys nobody waits for.
+const WAITERS_PRUNE_AT: usize = 1024;
+
+/// The wake-up signal of `key`'s waiters in this process.
+fn waiters_for(key: &[u8]) -> Arc<tokio::sync::Notify> {
+    let mut map = WAITERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(notify) = map.get(key).and_then(std::sync::Weak::upgrade) {
+        return notify;
+    }
+    if map.len() >= WAITERS_PRUNE_AT {
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+    let notify = Arc::new(tokio::sync::Notify::new());
+    map.insert(key.to_vec(), Arc::downgrade(&notify));
+    notify
+}
+
+/// Wakes this process's waiters for `key` (a hold of it was just deleted).
+fn wake_waiters(key: &[u8]) {
+    let notify = WAITERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(key)
+        .and_then(std::sync::Weak::upgrade);
+    if let Some(notify) = notify {
+        notify.notify_waiters();
+    }
 }
 
 fn prefixed(prefix: &[u8], name: &[u8]) -> Vec<u8> {
@@ -819,6 +873,9 @@ impl Lease {
             .compare_and_delete(&self.shared.key, &self.shared.value)
             .await?;
         self.released = true;
+        if released {
+            wake_waiters(&self.shared.key);
+        }
         Ok(released)
     }
 }
@@ -837,10 +894,13 @@ impl Drop for Lease {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let shared = Arc::clone(&self.shared);
             handle.spawn(async move {
-                let _ = shared
+                if let Ok(true) = shared
                     .backend
                     .compare_and_delete(&shared.key, &shared.value)
-                    .await;
+                    .await
+                {
+                    wake_waiters(&shared.key);
+                }
             });
         }
     }
