@@ -36,10 +36,18 @@
 //! - `lock:{name}` holds the current owner, with the lease's TTL. While an acquisition is in
 //!   progress the value is the 16-byte owner token alone; once the fencing token is known it is
 //!   `owner token (16 bytes) || fencing token (u64, 8 bytes little-endian)`, 24 bytes.
-//! - `lock-fence:{name}` is the fencing counter, a decimal integer without a TTL, only ever
-//!   incremented with [`Backend::incr_durable`]. Deleting it resets the tokens of that lock:
-//!   don't (and don't flush a server holding it, or run Redis without persistence if tokens
-//!   must survive a server restart).
+//! - `lock-stripe:{NNNN}` ([`fence_counter_key`]) is the fencing counter the name maps to: one
+//!   of [`FENCE_STRIPES`] (4,096) counters that all lock names share, chosen by a fixed hash of
+//!   the name. A decimal integer without a TTL, only ever incremented with
+//!   [`Backend::incr_durable`]. Each name always uses the same stripe, so its tokens strictly
+//!   increase across its holders (they skip the numbers other names of the stripe took, which
+//!   is harmless); and fencing takes at most 4,096 keys of ~20 bytes, however many names come
+//!   and go. Deleting a stripe resets the tokens of its names: don't (and don't flush a server
+//!   holding it, or run Redis without persistence if tokens must survive a server restart).
+//!   Earlier versions kept one counter per name, `lock-fence:{name}`: the first acquisition of
+//!   a name in each process reads it, and moves the stripe past it if it is ahead, so tokens
+//!   never go back across the upgrade (stop the old version's processes before the new one
+//!   takes locks: an old process would keep counting on the per-name key).
 //! - `fence:{resource}` is the highest token a [`Fence`] has accepted for `resource`, decimal,
 //!   without a TTL.
 //!
@@ -54,7 +62,7 @@
 //!    that runs *faster* than ours, which would expire the key (and let another owner in)
 //!    before our deadline: the margin covers a drift of up to 1%.
 //! 2. `set_nx(lock:{name}, owner, ttl)`. Failure: the lock is held; nothing else was written.
-//! 3. `incr_durable(lock-fence:{name}, 1)`: the fencing token, acknowledged only once durable.
+//! 3. `incr_durable(lock-stripe:{NNNN}, 1)`: the fencing token, acknowledged only once durable.
 //! 4. `compare_and_swap(lock:{name}, owner → owner || token, TtlPolicy::Keep)`. Failure means
 //!    our pending hold expired before we could confirm it: the acquisition fails and the token
 //!    is discarded (a gap in the sequence, which is harmless).
@@ -111,8 +119,15 @@ const LOCK_VALUE_BYTES: usize = OWNER_TOKEN_BYTES + FENCE_BYTES;
 
 /// Prefix of lock keys: `lock:{name}` (with literal braces).
 pub const LOCK_KEY_PREFIX: &[u8] = b"lock:";
-/// Prefix of fencing counters: `lock-fence:{name}` (with literal braces).
+/// Prefix of the per-name fencing counters of earlier versions: `lock-fence:{name}` (with
+/// literal braces). Read once per name and process to carry their tokens over, never written.
 pub const FENCE_COUNTER_PREFIX: &[u8] = b"lock-fence:";
+/// Prefix of the striped fencing counters: `lock-stripe:{NNNN}`, one per stripe.
+pub const FENCE_STRIPE_PREFIX: &[u8] = b"lock-stripe:";
+/// How many fencing counters all lock names share (each name always maps to the same one,
+/// by a fixed hash): the space fencing takes is bounded by this many keys, whatever the
+/// number of lock names.
+pub const FENCE_STRIPES: u32 = 4096;
 /// Prefix of the keys where a [`Fence`] records the highest token per resource.
 pub const FENCE_RESOURCE_PREFIX: &[u8] = b"fence:";
 
@@ -222,6 +237,7 @@ pub struct LockOptions {
     retry_initial: Duration,
     retry_max: Duration,
     renewal: Renewal,
+    wake_on_release: bool,
 }
 
 impl Default for LockOptions {
@@ -231,6 +247,7 @@ impl Default for LockOptions {
             retry_initial: RETRY_INITIAL_DEFAULT,
             retry_max: RETRY_MAX_DEFAULT,
             renewal: Renewal::Manual,
+            wake_on_release: true,
         }
     }
 }
@@ -249,6 +266,13 @@ impl LockOptions {
     pub fn retry_backoff(mut self, initial: Duration, max: Duration) -> Self {
         self.retry_initial = initial;
         self.retry_max = max.max(initial);
+        self
+    }
+
+    /// Whether a waiter is woken at once when a lease of its lock is released in this process
+    /// (default `true`). `false` leaves every waiter to its polling backoff (for comparison).
+    pub fn wake_on_release(mut self, wake: bool) -> Self {
+        self.wake_on_release = wake;
         self
     }
 
@@ -349,11 +373,12 @@ impl Lock {
         let name = name.as_ref();
         let started = Instant::now();
         let mut delay = self.options.retry_initial;
-        let released = waiters_for(&tagged(LOCK_KEY_PREFIX, name));
+        let waiters = waiters_for(&tagged(LOCK_KEY_PREFIX, name));
+        let wakes = self.options.wake_on_release;
         loop {
             // Registered before the attempt, so a release between a failed attempt and the
             // wait below still wakes this waiter.
-            let wake = released.notified();
+            let wake = waiters.released.notified();
             tokio::pin!(wake);
             wake.as_mut().enable();
             if let Some(lease) = self.try_acquire(name, ttl).await? {
@@ -370,9 +395,10 @@ impl Lock {
                 return Err(LockError::NoRuntime);
             }
             let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
+            let _parked = Parked::new(&waiters);
             tokio::select! {
                 // A release in this process: try again at once.
-                () = &mut wake => {}
+                () = &mut wake, if wakes => {}
                 // Holders elsewhere (or an expiry): poll.
                 () = tokio::time::sleep(jittered.min(left)) => {
                     delay = (delay * 2).min(self.options.retry_max);
@@ -468,9 +494,35 @@ impl Lock {
         }
     }
 
+    /// The next fencing token of `name`, from its stripe's counter. The first time this
+    /// process takes a token for `name`, it also reads the per-name counter an earlier version
+    /// kept and, if that is ahead, moves the stripe past it, so tokens never go back across
+    /// the upgrade.
+    async fn next_token(&self, name: &[u8], stripe: &[u8]) -> crate::error::Result<i64> {
+        let token = self.backend.incr_durable(stripe, 1, None).await?;
+        let legacy_key = tagged(FENCE_COUNTER_PREFIX, name);
+        // A counter that is not positive is corrupt: the caller reports it.
+        if token <= 0 || legacy_done(&legacy_key) {
+            return Ok(token);
+        }
+        let legacy = match self.backend.get(&legacy_key).await? {
+            Some(raw) => crate::backend::parse_i64(&raw).unwrap_or(0),
+            None => 0,
+        };
+        let token = if legacy >= token {
+            self.backend
+                .incr_durable(stripe, legacy - token + 1, None)
+                .await?
+        } else {
+            token
+        };
+        mark_legacy_done(&legacy_key);
+        Ok(token)
+    }
+
     async fn attempt(&self, name: &[u8], ttl: Duration) -> Result<Option<Lease>, LockError> {
         let key = tagged(LOCK_KEY_PREFIX, name);
-        let fence_key = tagged(FENCE_COUNTER_PREFIX, name);
+        let fence_key = fence_counter_key(name);
         let owner: [u8; OWNER_TOKEN_BYTES] = rand::random();
         let started = Instant::now();
         // Armed before the first write: a future dropped at any await point below (a caller's
@@ -482,7 +534,7 @@ impl Lock {
         }
         // The key is ours (pending). Take the fencing token while holding it; see the module
         // docs for why this order makes tokens strictly increase across holders.
-        let token = match self.backend.incr_durable(&fence_key, 1, None).await {
+        let token = match self.next_token(name, &fence_key).await {
             Ok(n) if n > 0 => n.unsigned_abs(),
             Ok(n) => {
                 self.abandon(&key, &owner).await;
@@ -639,43 +691,119 @@ fn tagged(prefix: &[u8], name: &[u8]) -> Vec<u8> {
     key
 }
 
+/// `lock-stripe:{NNNN}`: the key of the fencing counter lock `name` maps to (FNV-1a, fixed, so every process
+/// and version maps a name to the same stripe; the braces keep a stripe in one cluster slot).
+pub fn fence_counter_key(name: &[u8]) -> Vec<u8> {
+    let mut hash: u32 = 0x811c_9dc5;
+    for &b in name {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    let mut key = FENCE_STRIPE_PREFIX.to_vec();
+    key.extend_from_slice(format!("{{{:04}}}", hash % FENCE_STRIPES).as_bytes());
+    key
+}
+
+/// Names whose per-name counter of an earlier version this process has already carried over
+/// (bounded: when full it starts again, which costs one more read per name, nothing else).
+static LEGACY_CHECKED: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>> =
+    std::sync::LazyLock::new(Default::default);
+const LEGACY_CHECKED_MAX: usize = 65_536;
+
+/// Whether this process has carried `legacy_key`'s counter over already.
+fn legacy_done(legacy_key: &[u8]) -> bool {
+    LEGACY_CHECKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .contains(legacy_key)
+}
+
+/// Records that `legacy_key`'s counter is carried over (only once that succeeded).
+fn mark_legacy_done(legacy_key: &[u8]) {
+    let mut set = LEGACY_CHECKED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if set.len() >= LEGACY_CHECKED_MAX {
+        set.clear();
+    }
+    set.insert(legacy_key.to_vec());
+}
+
 /// Waiters for locks in this process, by lease key: a release wakes them at once instead of
 /// leaving them to their next poll. Weak, so a key nobody waits for costs nothing once its
 /// waiters are gone; the map is pruned when it grows. Two backends with a lock of the same
 /// key (two namespaces, two servers) share an entry: a release of one is a spurious wake-up
 /// for the other's waiters, which just try again.
 static WAITERS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<Vec<u8>, std::sync::Weak<tokio::sync::Notify>>>,
+    std::sync::Mutex<std::collections::HashMap<Vec<u8>, std::sync::Weak<Waiters>>>,
 > = std::sync::LazyLock::new(Default::default);
 /// Entries past which [`waiters_for`] prunes the keys nobody waits for.
 const WAITERS_PRUNE_AT: usize = 1024;
 
+/// The waiters of one lock key in this process.
+#[derive(Default)]
+struct Waiters {
+    released: tokio::sync::Notify,
+    /// Waiters between a failed attempt and their next one (for tests and monitoring).
+    parked: std::sync::atomic::AtomicUsize,
+}
+
 /// The wake-up signal of `key`'s waiters in this process.
-fn waiters_for(key: &[u8]) -> Arc<tokio::sync::Notify> {
+fn waiters_for(key: &[u8]) -> Arc<Waiters> {
     let mut map = WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(notify) = map.get(key).and_then(std::sync::Weak::upgrade) {
-        return notify;
+    if let Some(waiters) = map.get(key).and_then(std::sync::Weak::upgrade) {
+        return waiters;
     }
     if map.len() >= WAITERS_PRUNE_AT {
         map.retain(|_, w| w.strong_count() > 0);
     }
-    let notify = Arc::new(tokio::sync::Notify::new());
-    map.insert(key.to_vec(), Arc::downgrade(&notify));
-    notify
+    let waiters = Arc::new(Waiters::default());
+    map.insert(key.to_vec(), Arc::downgrade(&waiters));
+    waiters
 }
 
 /// Wakes this process's waiters for `key` (a hold of it was just deleted).
 fn wake_waiters(key: &[u8]) {
-    let notify = WAITERS
+    let waiters = WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .get(key)
         .and_then(std::sync::Weak::upgrade);
-    if let Some(notify) = notify {
-        notify.notify_waiters();
+    if let Some(waiters) = waiters {
+        waiters.released.notify_waiters();
     }
+}
+
+/// Counts a waiter as parked while it lives.
+struct Parked<'a>(&'a Waiters);
+
+impl<'a> Parked<'a> {
+    fn new(waiters: &'a Waiters) -> Self {
+        waiters
+            .parked
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Parked(waiters)
+    }
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.0
+            .parked
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// How many tasks of this process wait for lock `name` between two attempts.
+pub(crate) fn parked_waiters(name: &[u8]) -> usize {
+    WAITERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&tagged(LOCK_KEY_PREFIX, name))
+        .and_then(std::sync::Weak::upgrade)
+        .map_or(0, |w| w.parked.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 fn prefixed(prefix: &[u8], name: &[u8]) -> Vec<u8> {
@@ -1028,7 +1156,9 @@ impl<F: Future> Future for CatchUnwind<F> {
 pub enum FenceCheck {
     /// The token is at least the highest seen; it is now recorded. Go ahead with the write.
     Accepted,
-    /// A newer holder has written already: refuse the write.
+    /// A newer holder has written already (or, with
+    /// [`Fence::check_and_record_owned`], another owner holding the same token): refuse the
+    /// write.
     Rejected {
         /// The highest token recorded for the resource.
         highest: u64,
@@ -1043,8 +1173,8 @@ impl FenceCheck {
 }
 
 /// The protected resource's side of fencing: remembers, per resource, the highest fencing
-/// token that has written to it, and refuses older ones. Atomic through a compare-and-swap
-/// loop on `fence:{resource}`.
+/// token that has written to it (and, with [`Fence::check_and_record_owned`], which lease held
+/// it), and refuses older ones. Atomic through a compare-and-swap loop on `fence:{resource}`.
 ///
 /// The check and the record are one atomic step, but the write it guards is a separate step:
 /// a holder that passes the check and then stalls can still write after a newer holder's
@@ -1052,60 +1182,124 @@ impl FenceCheck {
 /// atomic step as the write (a conditional update keyed on the token, a storage system that
 /// accepts a token); use this helper where the guarded write is quick and idempotent, or as
 /// the model for such a condition.
+///
+/// Space: one key per resource, `fence:{resource}`, holding `token` or `token:owner` in
+/// decimal and hex (at most ~60 bytes). Records keep no TTL unless [`Fence::with_retention`]
+/// gives them one (then a resource idle for longer forgets its highest token: choose a
+/// retention far longer than any holder can stall).
 #[derive(Clone)]
 pub struct Fence {
     backend: Arc<dyn Backend>,
+    retention: Option<Duration>,
 }
 
 impl fmt::Debug for Fence {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Fence")
             .field("backend", &self.backend.name())
+            .field("retention", &self.retention)
             .finish()
     }
 }
 
+/// A fence record: the highest token, and the owner that wrote it when known.
+struct FenceRecord {
+    token: u64,
+    owner: Option<Vec<u8>>,
+}
+
 impl Fence {
-    /// Fences recorded on `backend`.
+    /// Fences recorded on `backend`, kept forever.
     pub fn new(backend: Arc<dyn Backend>) -> Self {
-        Fence { backend }
+        Fence {
+            backend,
+            retention: None,
+        }
+    }
+
+    /// Records expire `retention` after they were last raised (see the type's docs on space).
+    pub fn with_retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
     }
 
     /// Accepts a write to `resource` carrying `token` only if `token` is at least the highest
-    /// token accepted before (equal is accepted: one holder may write many times), recording
-    /// it as the new highest.
+    /// token accepted before (equal is accepted: one holder may write many times; this form
+    /// cannot tell two holders of one token apart, see
+    /// [`Fence::check_and_record_owned`]), recording it as the new highest.
     ///
     /// # Errors
     /// [`LockError::Contention`] after [`FENCE_CAS_ATTEMPTS_MAX`] lost rounds; a
-    /// [`LockError::Backend`] with [`ErrorKind::Corruption`] if the record is not a decimal
-    /// u64; other backend failures.
+    /// [`LockError::Backend`] with [`ErrorKind::Corruption`] if the record is not a fence
+    /// record; other backend failures.
     pub async fn check_and_record(
         &self,
         resource: impl AsRef<[u8]>,
         token: u64,
     ) -> Result<FenceCheck, LockError> {
-        let resource = resource.as_ref();
+        self.check(resource.as_ref(), token, None).await
+    }
+
+    /// [`Fence::check_and_record`] for a lease: `token` and the lease's
+    /// [`owner token`](Lease::owner_token). An equal token is accepted only from the owner
+    /// that recorded it, so two holders handed the same token (a counter rolled back by a
+    /// server crash or a failover without durable writes) cannot both write: the second is
+    /// rejected.
+    ///
+    /// # Errors
+    /// As [`Fence::check_and_record`].
+    pub async fn check_and_record_owned(
+        &self,
+        resource: impl AsRef<[u8]>,
+        token: u64,
+        owner: &[u8],
+    ) -> Result<FenceCheck, LockError> {
+        self.check(resource.as_ref(), token, Some(owner)).await
+    }
+
+    async fn check(
+        &self,
+        resource: &[u8],
+        token: u64,
+        owner: Option<&[u8]>,
+    ) -> Result<FenceCheck, LockError> {
         let key = prefixed(FENCE_RESOURCE_PREFIX, resource);
-        for _ in 0..FENCE_CAS_ATTEMPTS_MAX {
+        let encoded = encode_record(token, owner);
+        let ttl = match self.retention {
+            Some(retention) => TtlPolicy::Set(retention),
+            None => TtlPolicy::Keep,
+        };
+        for round in 0..FENCE_CAS_ATTEMPTS_MAX {
             let current = self.backend.get(&key).await?;
             if let Some(raw) = &current {
-                let highest = parse_token(&key, raw)?;
-                if token < highest {
-                    return Ok(FenceCheck::Rejected { highest });
+                let record = parse_record(&key, raw)?;
+                if token < record.token {
+                    return Ok(FenceCheck::Rejected {
+                        highest: record.token,
+                    });
                 }
-                if token == highest {
-                    return Ok(FenceCheck::Accepted);
+                if token == record.token {
+                    match (&record.owner, owner) {
+                        (Some(recorded), Some(owner)) if recorded.as_slice() != owner => {
+                            return Ok(FenceCheck::Rejected {
+                                highest: record.token,
+                            });
+                        }
+                        // The same owner, or an owner that cannot be compared: accepted, and
+                        // an owner learnt now is recorded below.
+                        (Some(_), _) | (None, None) => return Ok(FenceCheck::Accepted),
+                        (None, Some(_)) => {}
+                    }
                 }
             }
-            let new = token.to_string();
             if self
                 .backend
-                .compare_and_swap(&key, current.as_deref(), new.as_bytes(), TtlPolicy::Keep)
+                .compare_and_swap(&key, current.as_deref(), &encoded, ttl)
                 .await?
             {
                 return Ok(FenceCheck::Accepted);
             }
-            tokio::task::yield_now().await;
+            crate::backend::rate::lost_round(round).await;
         }
         Err(LockError::Contention {
             resource: lossy(resource),
@@ -1120,10 +1314,43 @@ impl Fence {
     pub async fn highest(&self, resource: impl AsRef<[u8]>) -> Result<Option<u64>, LockError> {
         let key = prefixed(FENCE_RESOURCE_PREFIX, resource.as_ref());
         match self.backend.get(&key).await? {
-            Some(raw) => Ok(Some(parse_token(&key, &raw)?)),
+            Some(raw) => Ok(Some(parse_record(&key, &raw)?.token)),
             None => Ok(None),
         }
     }
+}
+
+/// `token` or `token:owner-hex`.
+fn encode_record(token: u64, owner: Option<&[u8]>) -> Vec<u8> {
+    let mut out = token.to_string().into_bytes();
+    if let Some(owner) = owner {
+        out.push(b':');
+        out.extend_from_slice(data_encoding::HEXLOWER.encode(owner).as_bytes());
+    }
+    out
+}
+
+fn parse_record(key: &[u8], raw: &[u8]) -> Result<FenceRecord, LockError> {
+    let (token, owner) = match raw.iter().position(|&b| b == b':') {
+        Some(at) => (&raw[..at], Some(&raw[at + 1..])),
+        None => (raw, None),
+    };
+    let token = parse_token(key, token)?;
+    let owner = match owner {
+        Some(hex) => Some(data_encoding::HEXLOWER.decode(hex).map_err(|_| {
+            LockError::from(Error::new(
+                ErrorKind::Corruption,
+                format!(
+                    "fence record {:?} holds {:?}, whose owner is not hex; it was written \
+                     outside Fence, fix or delete it",
+                    lossy(key),
+                    lossy(raw)
+                ),
+            ))
+        })?),
+        None => None,
+    };
+    Ok(FenceRecord { token, owner })
 }
 
 fn parse_token(key: &[u8], raw: &[u8]) -> Result<u64, LockError> {
@@ -1168,13 +1395,13 @@ mod tests {
         assert_eq!(stored[..OWNER_TOKEN_BYTES], lease.owner_token());
         assert_eq!(stored[OWNER_TOKEN_BYTES..], 1u64.to_le_bytes());
         assert_eq!(
-            b.get(b"lock-fence:{job}").await.unwrap(),
+            b.get(&fence_counter_key(b"job")).await.unwrap(),
             Some(b"1".to_vec())
         );
         assert!(lease.release().await.unwrap());
         assert_eq!(b.get(b"lock:{job}").await.unwrap(), None);
         assert_eq!(
-            b.get(b"lock-fence:{job}").await.unwrap(),
+            b.get(&fence_counter_key(b"job")).await.unwrap(),
             Some(b"1".to_vec()),
             "kept"
         );
@@ -1204,13 +1431,39 @@ mod tests {
             Err(LockError::Backend(e)) => assert_eq!(e.kind(), ErrorKind::InvalidInput),
             other => panic!("expected InvalidInput, got {other:?}"),
         }
-        assert_eq!(b.get(b"lock-fence:{x}").await.unwrap(), None);
+        assert_eq!(b.get(&fence_counter_key(b"x")).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn tokens_carry_over_from_an_earlier_per_name_counter() {
+        let b = backend();
+        b.set(b"lock-fence:{old}", b"41", None).await.unwrap();
+        let lock = Lock::new(Arc::clone(&b));
+        let lease = lock.try_acquire("old", Duration::from_secs(10)).await;
+        assert_eq!(lease.unwrap().unwrap().fencing_token(), 42);
+        let next = lock.try_acquire("old", Duration::from_secs(10)).await;
+        assert!(next.unwrap().is_none(), "still held");
+    }
+
+    #[test]
+    fn names_map_to_bounded_stable_stripes() {
+        let key = fence_counter_key(b"job");
+        assert!(key.starts_with(b"lock-stripe:{"), "{key:?}");
+        assert_eq!(key, fence_counter_key(b"job"));
+        let stripes: std::collections::HashSet<Vec<u8>> = (0..100_000)
+            .map(|i| fence_counter_key(format!("n{i}").as_bytes()))
+            .collect();
+        assert_eq!(
+            stripes.len(),
+            FENCE_STRIPES as usize,
+            "every stripe used, no more"
+        );
     }
 
     #[tokio::test]
     async fn corrupt_fence_counter_fails_the_acquisition_and_frees_the_key() {
         let b = backend();
-        b.set(b"lock-fence:{x}", b"-5", None).await.unwrap();
+        b.set(&fence_counter_key(b"x"), b"-5", None).await.unwrap();
         let lock = Lock::new(Arc::clone(&b));
         match lock.try_acquire("x", Duration::from_secs(10)).await {
             Err(LockError::Backend(e)) => assert_eq!(e.kind(), ErrorKind::Corruption),

@@ -310,7 +310,9 @@ fn reset(db: &Db) -> Result<usize, Failure> {
 /// True for the lock's fencing counter and the fence's highest-token record.
 fn is_fencing_state(key: &[u8]) -> bool {
     let rest = &key[DEMO_PREFIX.len().min(key.len())..];
-    rest.starts_with(b"lock-fence:") || rest.starts_with(b"fence:")
+    rest.starts_with(b"lock-stripe:")
+        || rest.starts_with(b"lock-fence:")
+        || rest.starts_with(b"fence:")
 }
 
 /// A value for the narration: quoted text, or escaped bytes, or `(missing)`.

@@ -16,6 +16,8 @@ pub(super) fn cases() -> Vec<Case> {
         case!(lock_with_lock_reports_a_lease_lost_while_the_body_ran),
         case!(lock_ttl_shorter_than_the_acquisition_reports_the_cause),
         case!(lock_deadline_keeps_a_drift_margin),
+        case!(lock_fence_rejects_an_equal_token_from_another_owner),
+        case!(lock_release_wakes_waiters_in_this_process),
     ]
 }
 
@@ -166,7 +168,9 @@ async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
         }
     }
     assert_eq!(
-        b.ttl(b"lock-fence:{fenced}").await.unwrap(),
+        b.ttl(&crate::lock::fence_counter_key(b"fenced"))
+            .await
+            .unwrap(),
         Ttl::NoExpiry,
         "the fencing counter must never expire"
     );
@@ -514,4 +518,108 @@ async fn lock_deadline_keeps_a_drift_margin(c: Ctx) {
     assert!(lease.deadline() >= before + ttl - margin);
     assert!(lease.deadline() <= after + ttl - margin);
     assert!(lease.release().await.unwrap());
+}
+
+/// Two holders handed the same token (what a fencing counter rolled back by a crash or a
+/// failover would do): with owners recorded, the second cannot write. Retention gives the
+/// record a TTL.
+async fn lock_fence_rejects_an_equal_token_from_another_owner(c: Ctx) {
+    let b = confined(&c);
+    let fence = Fence::new(Arc::clone(&b));
+    let (first, second) = ([1u8; OWNER_TOKEN_BYTES], [2u8; OWNER_TOKEN_BYTES]);
+    let check = |token, owner: [u8; OWNER_TOKEN_BYTES]| {
+        let fence = fence.clone();
+        async move {
+            fence
+                .check_and_record_owned("ledger", token, &owner)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(check(7, first).await, FenceCheck::Accepted);
+    assert_eq!(
+        check(7, first).await,
+        FenceCheck::Accepted,
+        "the same holder again"
+    );
+    assert_eq!(check(7, second).await, FenceCheck::Rejected { highest: 7 });
+    assert_eq!(check(6, first).await, FenceCheck::Rejected { highest: 7 });
+    assert_eq!(check(8, second).await, FenceCheck::Accepted);
+    assert_eq!(fence.highest("ledger").await.unwrap(), Some(8));
+    // A record written without an owner learns the first owner that presents its token.
+    assert!(
+        fence
+            .check_and_record("plain", 3)
+            .await
+            .unwrap()
+            .is_accepted()
+    );
+    assert_eq!(check_plain(&fence, 3, first).await, FenceCheck::Accepted);
+    assert_eq!(
+        check_plain(&fence, 3, second).await,
+        FenceCheck::Rejected { highest: 3 }
+    );
+    assert_eq!(b.ttl(b"fence:ledger").await.unwrap(), Ttl::NoExpiry);
+    let kept = Fence::new(Arc::clone(&b)).with_retention(Duration::from_secs(3600));
+    assert!(
+        kept.check_and_record("short", 1)
+            .await
+            .unwrap()
+            .is_accepted()
+    );
+    match b.ttl(b"fence:short").await.unwrap() {
+        Ttl::Remaining(d) => assert!(d <= Duration::from_secs(3600) && d > ms(3_500_000)),
+        other => panic!("a retained record has a TTL: {other:?}"),
+    }
+}
+
+async fn check_plain(fence: &Fence, token: u64, owner: [u8; OWNER_TOKEN_BYTES]) -> FenceCheck {
+    fence
+        .check_and_record_owned("plain", token, &owner)
+        .await
+        .unwrap()
+}
+
+/// A waiter polling slowly (its next poll is seconds away) takes the lock as soon as the
+/// holder in the same process releases it: the release wakes it.
+async fn lock_release_wakes_waiters_in_this_process(c: Ctx) {
+    let b = confined(&c);
+    let options = LockOptions::default()
+        .wait(Duration::from_secs(30))
+        .retry_backoff(Duration::from_secs(20), Duration::from_secs(20));
+    let lock = Lock::with_options(Arc::clone(&b), options);
+    for round in 0..3 {
+        let held = lock
+            .try_acquire("woken", Duration::from_secs(30))
+            .await
+            .unwrap()
+            .expect("free");
+        let waiter = {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let lease = lock.acquire("woken", Duration::from_secs(30)).await?;
+                let token = lease.fencing_token();
+                lease.release().await?;
+                Ok::<u64, LockError>(token)
+            })
+        };
+        // Let the waiter fail its first attempt and settle into its 10 to 20 s wait.
+        while crate::lock::parked_waiters(b"woken") == 0 {
+            tokio::task::yield_now().await;
+        }
+        let released_at = Instant::now();
+        let first = held.fencing_token();
+        if round == 2 {
+            drop(held); // a dropped lease wakes waiters too
+        } else {
+            assert!(held.release().await.unwrap());
+        }
+        let token = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("woken well before its next poll")
+            .unwrap()
+            .unwrap();
+        assert!(token > first, "round {round}");
+        assert!(released_at.elapsed() < Duration::from_secs(5));
+    }
 }
