@@ -1,11 +1,14 @@
-//! Rate-limit decisions per second: the contract's one-step GCRA against the compare-and-swap
-//! path it replaced, on keel's engine, Redis, Valkey and Postgres, and next to redis-cell's
-//! `CL.THROTTLE` semantics reproduced in a Lua script (the usual way to get them without the
-//! module), in one run.
+//! Hot keys, in one run on keel's engine, Redis, Valkey and Postgres:
+//! 1. Rate-limit decisions per second: the contract's one-step GCRA against the
+//!    compare-and-swap path it replaced, next to redis-cell's `CL.THROTTLE` semantics
+//!    reproduced in a Lua script (the usual way to get them without the module).
+//! 2. Lock acquire/release pairs per second, 64 callers contending on one name: waiters woken
+//!    when a lease is released in the process, against waiters left to their polling backoff
+//!    (10 ms doubling to 200 ms, jittered).
 //!
-//! `cargo bench --bench ratelimit --all-features -- [--quick] [--secs S] [--dir PATH]`
+//! `cargo bench --bench contention --all-features -- [--quick] [--secs S] [--dir PATH]`
 //!
-//! Rows per backend:
+//! Rate-limit rows per backend:
 //! - **step**: `RateLimiter::check` (GCRA), one call of the backend's native
 //!   `Backend::rate_limit` (a Lua script on Redis/Valkey, one SQL statement on Postgres, the
 //!   shard locks on the engine).
@@ -32,6 +35,7 @@ use std::time::{Duration, Instant};
 use keel_engine::Durability;
 use keel_primitives::Backend;
 use keel_primitives::backend::rate::{self, RateAlgorithm, RateMode, RateRule};
+use keel_primitives::lock::{Lock, LockOptions};
 use keel_primitives::ratelimit::{Quota, RateLimiter, Strategy};
 
 use support::backends::{Kind, POOL_SIZE, Target};
@@ -78,7 +82,7 @@ struct Config {
 fn parse_args() -> Result<Config, String> {
     let mut quick = false;
     let mut secs: Option<f64> = None;
-    let mut scratch = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-ratelimit");
+    let mut scratch = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-contention");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -95,7 +99,7 @@ fn parse_args() -> Result<Config, String> {
             "--bench" => {}
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: ratelimit [--quick] [--secs S] [--dir PATH]"
+                    "unknown argument {other:?}; usage: contention [--quick] [--secs S] [--dir PATH]"
                 ));
             }
         }
@@ -185,6 +189,43 @@ impl AsyncCaller for Caller {
             ))
         }
     }
+}
+
+struct LockCaller {
+    lock: Lock,
+    name: String,
+}
+
+impl AsyncCaller for LockCaller {
+    async fn call(&mut self) -> Result<(), String> {
+        let lease = self
+            .lock
+            .acquire(&self.name, Duration::from_secs(30))
+            .await
+            .map_err(|e| e.to_string())?;
+        lease.release().await.map_err(|e| e.to_string())?;
+        Ok(())
+    }
+}
+
+async fn lock_cell(
+    backend: &Arc<dyn Backend>,
+    wake: bool,
+    callers: usize,
+    name: &str,
+    plan: &Plan,
+) -> Result<support::measure::Measured, String> {
+    let options = LockOptions::default()
+        .wait(Duration::from_secs(120))
+        .wake_on_release(wake);
+    let lock = Lock::with_options(Arc::clone(backend), options);
+    let all = (0..callers)
+        .map(|_| LockCaller {
+            lock: lock.clone(),
+            name: name.to_owned(),
+        })
+        .collect();
+    drive_async(all, plan, true).await
 }
 
 async fn cell(
@@ -379,6 +420,29 @@ async fn run(config: Config) -> Result<(), String> {
             }
         }
     }
+    let mut table = Table::new(
+        "Lock acquire/release pairs, 64 callers on one name: woken on release vs polling",
+    );
+    for (step_label, _, _, target, _) in &targets {
+        let opened = target.open(&config.scratch).await;
+        let name = format!("hot-lock:{nonce:x}");
+        for (wake, suffix) in [(true, "woken"), (false, "polling")] {
+            let label = if *step_label == REFERENCE && wake {
+                REFERENCE.to_owned()
+            } else {
+                format!("{} {suffix}", target.label)
+            };
+            let result = match &opened {
+                Ok(o) => lock_cell(&o.backend, wake, CALLERS[1], &name, &config.plan).await,
+                Err(why) => Err(why.clone()),
+            };
+            if let Err(why) = &result {
+                failed.push(format!("lock pairs: {label}: {why}"));
+            }
+            table.rows.push(Row::new(label, CALLERS[1], result));
+        }
+    }
+    table.print();
     if let Ok(url) = &pg_url {
         let _ = servers::cleanup_postgres(url, &[PG_TABLE]).await;
     }
@@ -393,7 +457,7 @@ fn main() -> ExitCode {
     let config = match parse_args() {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("ratelimit: {e}");
+            eprintln!("contention: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -403,7 +467,7 @@ fn main() -> ExitCode {
     {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("ratelimit: could not start the runtime: {e}");
+            eprintln!("contention: could not start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -412,7 +476,7 @@ fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ratelimit: {e}");
+            eprintln!("contention: {e}");
             ExitCode::FAILURE
         }
     }
