@@ -6,7 +6,8 @@
 //!    when a lease is released in the process, against waiters left to their polling backoff
 //!    (10 ms doubling to 200 ms, jittered).
 //!
-//! `cargo bench --bench contention --all-features -- [--quick] [--secs S] [--dir PATH]`
+//! `cargo bench --bench contention --all-features -- [--quick] [--secs S] [--dir PATH]
+//! [--only rate|lock]`
 //!
 //! Rate-limit rows per backend:
 //! - **step**: `RateLimiter::check` (GCRA), one call of the backend's native
@@ -77,12 +78,15 @@ static CELL: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CELL_
 struct Config {
     plan: Plan,
     scratch: PathBuf,
+    /// `None`: both parts; else `rate` or `lock`.
+    only: Option<String>,
 }
 
 fn parse_args() -> Result<Config, String> {
     let mut quick = false;
     let mut secs: Option<f64> = None;
     let mut scratch = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-contention");
+    let mut only = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -96,10 +100,17 @@ fn parse_args() -> Result<Config, String> {
                 )
             }
             "--dir" => scratch = PathBuf::from(args.next().ok_or("--dir takes a path")?),
+            "--only" => {
+                let part = args.next().ok_or("--only takes rate or lock")?;
+                if part != "rate" && part != "lock" {
+                    return Err(format!("--only takes rate or lock, not {part:?}"));
+                }
+                only = Some(part);
+            }
             "--bench" => {}
             other => {
                 return Err(format!(
-                    "unknown argument {other:?}; usage: contention [--quick] [--secs S] [--dir PATH]"
+                    "unknown argument {other:?}; usage: contention [--quick] [--secs S] [--dir PATH] [--only rate|lock]"
                 ));
             }
         }
@@ -112,6 +123,7 @@ fn parse_args() -> Result<Config, String> {
             ops_per_caller_max: OPS_PER_CALLER_MAX,
         },
         scratch,
+        only,
     })
 }
 
@@ -378,7 +390,8 @@ async fn run(config: Config) -> Result<(), String> {
         ),
     ];
     let mut failed = Vec::new();
-    for (title, keys) in workloads {
+    let part = |name: &str| config.only.as_deref().is_none_or(|only| only == name);
+    for (title, keys) in workloads.into_iter().filter(|_| part("rate")) {
         let keys = Arc::new(keys);
         let mut table = Table::new(title);
         for (step_label, cas_label, cell_label, target, url) in &targets {
@@ -423,7 +436,7 @@ async fn run(config: Config) -> Result<(), String> {
     let mut table = Table::new(
         "Lock acquire/release pairs, 64 callers on one name: woken on release vs polling",
     );
-    for (step_label, _, _, target, _) in &targets {
+    for (step_label, _, _, target, _) in targets.iter().filter(|_| part("lock")) {
         let opened = target.open(&config.scratch).await;
         let name = format!("hot-lock:{nonce:x}");
         for (wake, suffix) in [(true, "woken"), (false, "polling")] {

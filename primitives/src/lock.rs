@@ -269,8 +269,8 @@ impl LockOptions {
         self
     }
 
-    /// Whether a waiter is woken at once when a lease of its lock is released in this process
-    /// (default `true`). `false` leaves every waiter to its polling backoff (for comparison).
+    /// Whether a release in this process wakes one waiting task at once (default `true`).
+    /// `false` leaves every waiter to its polling backoff (for comparison).
     pub fn wake_on_release(mut self, wake: bool) -> Self {
         self.wake_on_release = wake;
         self
@@ -349,9 +349,10 @@ impl Lock {
     }
 
     /// Takes the lock `name` for `ttl`, retrying for up to [`LockOptions::wait`]: at once when
-    /// a lease of it is released in this process (releases, drops and abandoned acquisitions
-    /// wake the waiters), otherwise after a jittered exponential backoff (a holder in another
-    /// process, or an expiry, is seen at the next poll).
+    /// a lease of it is released through this `Lock` (or a clone) in this process (a release,
+    /// a dropped lease or an abandoned acquisition hands the lock to one waiting task),
+    /// otherwise after a jittered exponential backoff (a holder in another process, or an
+    /// expiry, is seen at the next poll).
     ///
     /// # Errors
     /// [`LockError::Timeout`] if the lock was still held when the wait ran out; otherwise as
@@ -373,14 +374,16 @@ impl Lock {
         let name = name.as_ref();
         let started = Instant::now();
         let mut delay = self.options.retry_initial;
-        let waiters = waiters_for(&tagged(LOCK_KEY_PREFIX, name));
+        let waiters = waiters_for(&self.backend, &tagged(LOCK_KEY_PREFIX, name));
         let wakes = self.options.wake_on_release;
         loop {
             // Registered before the attempt, so a release between a failed attempt and the
-            // wait below still wakes this waiter.
-            let wake = waiters.released.notified();
-            tokio::pin!(wake);
-            wake.as_mut().enable();
+            // wait below still wakes this waiter. (Never registered when it will not be
+            // awaited: it would take a wake-up another waiter needs.)
+            let mut wake = std::pin::pin!(waiters.released.notified());
+            if wakes {
+                wake.as_mut().enable();
+            }
             if let Some(lease) = self.try_acquire(name, ttl).await? {
                 return Ok(lease);
             }
@@ -670,7 +673,7 @@ impl Drop for PartialHold {
         runtime.spawn(async move {
             for value in values {
                 if let Ok(true) = backend.compare_and_delete(&key, &value).await {
-                    wake_waiters(&key);
+                    wake_waiters(&backend, &key);
                     return;
                 }
             }
@@ -729,14 +732,19 @@ fn mark_legacy_done(legacy_key: &[u8]) {
     set.insert(legacy_key.to_vec());
 }
 
-/// Waiters for locks in this process, by lease key: a release wakes them at once instead of
-/// leaving them to their next poll. Weak, so a key nobody waits for costs nothing once its
-/// waiters are gone; the map is pruned when it grows. Two backends with a lock of the same
-/// key (two namespaces, two servers) share an entry: a release of one is a spurious wake-up
-/// for the other's waiters, which just try again.
-static WAITERS: std::sync::LazyLock<
-    std::sync::Mutex<std::collections::HashMap<Vec<u8>, std::sync::Weak<Waiters>>>,
-> = std::sync::LazyLock::new(Default::default);
+/// Waiters for locks in this process, by backend handle and lease key: a release wakes one of
+/// them at once (a hand-off: waking them all would send every waiter to the server for one
+/// free lock) instead of leaving them to their next poll. Weak, so a key nobody waits for
+/// costs nothing once its waiters are gone; the map is pruned when it grows.
+type WaitersMap = std::collections::HashMap<(usize, Vec<u8>), std::sync::Weak<Waiters>>;
+static WAITERS: std::sync::LazyLock<std::sync::Mutex<WaitersMap>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Tells backend handles apart in [`WAITERS`]: leases and waiters of one `Lock` (and its
+/// clones) share the handle, so a release wakes only waiters on the same backend.
+fn backend_id(backend: &Arc<dyn Backend>) -> usize {
+    Arc::as_ptr(backend).cast::<()>() as usize
+}
 /// Entries past which [`waiters_for`] prunes the keys nobody waits for.
 const WAITERS_PRUNE_AT: usize = 1024;
 
@@ -748,31 +756,33 @@ struct Waiters {
     parked: std::sync::atomic::AtomicUsize,
 }
 
-/// The wake-up signal of `key`'s waiters in this process.
-fn waiters_for(key: &[u8]) -> Arc<Waiters> {
+/// The wake-up signal of `key`'s waiters on `backend` in this process.
+fn waiters_for(backend: &Arc<dyn Backend>, key: &[u8]) -> Arc<Waiters> {
+    let id = (backend_id(backend), key.to_vec());
     let mut map = WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(waiters) = map.get(key).and_then(std::sync::Weak::upgrade) {
+    if let Some(waiters) = map.get(&id).and_then(std::sync::Weak::upgrade) {
         return waiters;
     }
     if map.len() >= WAITERS_PRUNE_AT {
         map.retain(|_, w| w.strong_count() > 0);
     }
     let waiters = Arc::new(Waiters::default());
-    map.insert(key.to_vec(), Arc::downgrade(&waiters));
+    map.insert(id, Arc::downgrade(&waiters));
     waiters
 }
 
-/// Wakes this process's waiters for `key` (a hold of it was just deleted).
-fn wake_waiters(key: &[u8]) {
+/// Wakes one of this process's waiters for `key` on `backend` (a hold was just deleted).
+fn wake_waiters(backend: &Arc<dyn Backend>, key: &[u8]) {
+    let id = (backend_id(backend), key.to_vec());
     let waiters = WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(key)
+        .get(&id)
         .and_then(std::sync::Weak::upgrade);
     if let Some(waiters) = waiters {
-        waiters.released.notify_waiters();
+        waiters.released.notify_one();
     }
 }
 
@@ -796,12 +806,13 @@ impl Drop for Parked<'_> {
     }
 }
 
-/// How many tasks of this process wait for lock `name` between two attempts.
-pub(crate) fn parked_waiters(name: &[u8]) -> usize {
+/// How many tasks of this process wait for lock `name` on `backend` between two attempts.
+pub(crate) fn parked_waiters(backend: &Arc<dyn Backend>, name: &[u8]) -> usize {
+    let id = (backend_id(backend), tagged(LOCK_KEY_PREFIX, name));
     WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(&tagged(LOCK_KEY_PREFIX, name))
+        .get(&id)
         .and_then(std::sync::Weak::upgrade)
         .map_or(0, |w| w.parked.load(std::sync::atomic::Ordering::SeqCst))
 }
@@ -1002,7 +1013,7 @@ impl Lease {
             .await?;
         self.released = true;
         if released {
-            wake_waiters(&self.shared.key);
+            wake_waiters(&self.shared.backend, &self.shared.key);
         }
         Ok(released)
     }
@@ -1027,7 +1038,7 @@ impl Drop for Lease {
                     .compare_and_delete(&shared.key, &shared.value)
                     .await
                 {
-                    wake_waiters(&shared.key);
+                    wake_waiters(&shared.backend, &shared.key);
                 }
             });
         }

@@ -604,7 +604,7 @@ async fn lock_release_wakes_waiters_in_this_process(c: Ctx) {
             })
         };
         // Let the waiter fail its first attempt and settle into its 10 to 20 s wait.
-        while crate::lock::parked_waiters(b"woken") == 0 {
+        while crate::lock::parked_waiters(&b, b"woken") == 0 {
             tokio::task::yield_now().await;
         }
         let released_at = Instant::now();
