@@ -203,6 +203,16 @@ impl AsyncCaller for Caller {
     }
 }
 
+/// A backend's row labels (one-step, compare-and-swap, cell-Lua if any), the backend, and
+/// its server's URL for the cell-Lua client.
+type TargetRows = (
+    &'static str,
+    &'static str,
+    Option<&'static str>,
+    Target,
+    Option<String>,
+);
+
 struct LockCaller {
     lock: Lock,
     name: String,
@@ -308,8 +318,7 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
     let unavailable = |why: &String| format!("unavailable: {why}");
-    // (step label, CAS label, cell-Lua label, target)
-    let targets: Vec<(&str, &str, Option<&str>, Target, Option<String>)> = vec![
+    let targets: Vec<TargetRows> = vec![
         (
             REFERENCE,
             "keel Immediate CAS",

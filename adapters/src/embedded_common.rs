@@ -401,7 +401,7 @@ pub(crate) trait Store: Send + Sync + 'static {
         &self,
         keys: &[Vec<u8>],
         clock: &TrustedClock,
-        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+        decide: &DecideRaw<'_, R>,
     ) -> Result<R>;
 
     /// Up to `limit` `(key, head)` pairs in key order, for keys starting with `prefix` and
@@ -419,6 +419,11 @@ pub(crate) type RawWrites = Vec<Option<Vec<u8>>>;
 
 /// What a multi-key read-modify-write decides on: the callers' values.
 pub(crate) type Updates = Vec<Option<(Vec<u8>, TtlPolicy)>>;
+
+/// The decision of [`Store::update_many`]: from the keys' stored bytes and "now" to their new
+/// stored bytes and the caller's result.
+pub(crate) type DecideRaw<'a, R> =
+    dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync + 'a;
 
 /// Runs `decide` on the live values inside `raws` (stored bytes) at `now_ms`, and encodes its
 /// writes back into stored bytes with their expiry (a kept TTL is the current entry's).

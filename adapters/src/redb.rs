@@ -30,7 +30,7 @@ use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, Table, Tabl
 
 pub use crate::embedded_common::ExpiryOptions;
 use crate::embedded_common::{
-    Core, Op, Outcome, RawWrites, Store, TrustedClock, Write, backend_via_core, collect_heads,
+    Core, DecideRaw, Op, Outcome, Store, TrustedClock, Write, backend_via_core, collect_heads,
     head, scan_start,
 };
 
@@ -181,7 +181,7 @@ impl Store for RedbStore {
         &self,
         keys: &[Vec<u8>],
         clock: &TrustedClock,
-        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+        decide: &DecideRaw<'_, R>,
     ) -> Result<R> {
         self.write(clock, |table, now_ms| {
             let mut raws = Vec::with_capacity(keys.len());

@@ -38,7 +38,7 @@ use keel_primitives::{Error, ErrorKind, Result};
 
 pub use crate::embedded_common::ExpiryOptions;
 use crate::embedded_common::{
-    Core, Op, Outcome, RawWrites, Store, TrustedClock, Write, backend_via_core, collect_heads,
+    Core, DecideRaw, Op, Outcome, Store, TrustedClock, Write, backend_via_core, collect_heads,
     head, scan_start,
 };
 
@@ -196,7 +196,7 @@ impl Store for SledStore {
         &self,
         keys: &[Vec<u8>],
         clock: &TrustedClock,
-        decide: &(dyn Fn(&[Option<&[u8]>], u64) -> Result<(RawWrites, R)> + Sync),
+        decide: &DecideRaw<'_, R>,
     ) -> Result<R> {
         use sled::transaction::{ConflictableTransactionError, TransactionError};
         let result = self.db().transaction(|tx| {

@@ -57,8 +57,8 @@ use deadpool_postgres::{
 };
 use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    KEY_BYTES_MAX, RateMode, RateOutcome, RateRule, RateVerdict, VALUE_BYTES_MAX, check_key,
-    check_value, not_an_integer, overflow, ttl_ms,
+    KEY_BYTES_MAX, RateMode, RateOutcome, RateRule, VALUE_BYTES_MAX, check_key, check_value,
+    not_an_integer, overflow, ttl_ms,
 };
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
@@ -1666,6 +1666,19 @@ impl Backend for PostgresBackend {
     }
 }
 
+/// Reads the native step's reply (see [`rate::decode_reply`]).
+fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
+    rate::decode_reply(reply, rules).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Permanent,
+            format!(
+                "postgres rate_limit: the function answered {reply:?} for {rules} rules; \
+                 run ensure_schema() to replace it with this version's"
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2487,39 +2500,4 @@ mod tests {
                 .expect_err("the private CA is not among the system's roots");
         }
     }
-}
-
-/// Reads the rate-limit function's reply: now, admitted, then four numbers per rule.
-fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
-    let bad = || {
-        Error::new(
-            ErrorKind::Permanent,
-            format!(
-                "postgres rate_limit: the function answered {reply:?} for {rules} rules; \
-                 run ensure_schema() to replace it with this version's"
-            ),
-        )
-    };
-    let unsigned = |n: i64| u64::try_from(n).map_err(|_| bad());
-    if reply.len() != 2 + 4 * rules {
-        return Err(bad());
-    }
-    let mut verdicts = Vec::with_capacity(rules);
-    for v in reply[2..].chunks_exact(4) {
-        verdicts.push(RateVerdict {
-            allowed: v[0] == 1,
-            remaining: unsigned(v[1])?,
-            reset_after_ms: unsigned(v[2])?,
-            retry_after_ms: if v[3] < 0 {
-                None
-            } else {
-                Some(unsigned(v[3])?)
-            },
-        });
-    }
-    Ok(RateOutcome {
-        now_ms: unsigned(reply[0])?,
-        admitted: reply[1] == 1,
-        verdicts,
-    })
 }

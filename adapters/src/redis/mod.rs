@@ -48,8 +48,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    RateMode, RateOutcome, RateRule, RateVerdict, check_key, check_value, not_an_integer, overflow,
-    ttl_ms,
+    RateMode, RateOutcome, RateRule, check_key, check_value, not_an_integer, overflow, ttl_ms,
 };
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
@@ -1411,6 +1410,19 @@ pub(crate) mod test_server {
     }
 }
 
+/// Reads the native step's reply (see [`rate::decode_reply`]).
+fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
+    rate::decode_reply(reply, rules).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Permanent,
+            format!(
+                "the rate-limit script answered {reply:?} for {rules} rules; another script \
+                 may have been loaded under its SHA"
+            ),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::io;
@@ -1731,39 +1743,4 @@ mod tests {
             "{server:?}"
         );
     }
-}
-
-/// Reads `rate_limit.lua`'s reply.
-fn rate_reply(reply: &[i64], rules: usize) -> Result<RateOutcome> {
-    let bad = || {
-        Error::new(
-            ErrorKind::Permanent,
-            format!(
-                "the rate-limit script answered {reply:?} for {rules} rules; another script \
-                 may have been loaded under its SHA"
-            ),
-        )
-    };
-    let unsigned = |n: i64| u64::try_from(n).map_err(|_| bad());
-    if reply.len() != 2 + 4 * rules {
-        return Err(bad());
-    }
-    let mut verdicts = Vec::with_capacity(rules);
-    for v in reply[2..].chunks_exact(4) {
-        verdicts.push(RateVerdict {
-            allowed: v[0] == 1,
-            remaining: unsigned(v[1])?,
-            reset_after_ms: unsigned(v[2])?,
-            retry_after_ms: if v[3] < 0 {
-                None
-            } else {
-                Some(unsigned(v[3])?)
-            },
-        });
-    }
-    Ok(RateOutcome {
-        now_ms: unsigned(reply[0])?,
-        admitted: reply[1] == 1,
-        verdicts,
-    })
 }

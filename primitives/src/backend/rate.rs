@@ -510,6 +510,34 @@ pub fn refund(rule: &RateRule<'_>, raw: &[u8], consumed_at_ms: u64) -> Option<Ra
     }
 }
 
+/// Reads a native step's reply in the flat form the Lua script and the SQL function return:
+/// `now_ms, admitted (1/0)`, then per rule `allowed (1/0), remaining, reset_after_ms,
+/// retry_after_ms (-1: none)`. `None` if it does not have that shape for `rules` rules.
+pub fn decode_reply(reply: &[i64], rules: usize) -> Option<RateOutcome> {
+    let unsigned = |n: i64| u64::try_from(n).ok();
+    if reply.len() != 2 + 4 * rules {
+        return None;
+    }
+    let mut verdicts = Vec::with_capacity(rules);
+    for v in reply[2..].chunks_exact(4) {
+        verdicts.push(RateVerdict {
+            allowed: v[0] == 1,
+            remaining: unsigned(v[1])?,
+            reset_after_ms: unsigned(v[2])?,
+            retry_after_ms: if v[3] < 0 {
+                None
+            } else {
+                Some(unsigned(v[3])?)
+            },
+        });
+    }
+    Some(RateOutcome {
+        now_ms: unsigned(reply[0])?,
+        admitted: reply[1] == 1,
+        verdicts,
+    })
+}
+
 /// Lost compare-and-swap rounds retried after a mere yield, before backoff starts.
 const CAS_YIELD_ROUNDS: u32 = 2;
 /// The first backoff after a lost round (jittered down to half), doubling up to the longest.
