@@ -149,8 +149,17 @@ async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
     let nodes = [Lock::new(Arc::clone(&b)), Lock::new(Arc::clone(&b))];
     let mut last = 0;
     for i in 0..6 {
+        // Holders that lose the lock by expiry get a short TTL (long enough for an acquisition
+        // on a loaded machine); the others a long one, so they are still holders when they
+        // release.
+        let expires = i % 3 == 0;
+        let ttl = if expires {
+            ms(1000)
+        } else {
+            Duration::from_secs(30)
+        };
         let lease = nodes[i % 2]
-            .try_acquire("fenced", ms(200))
+            .try_acquire("fenced", ttl)
             .await
             .unwrap()
             .expect("free");
@@ -160,8 +169,8 @@ async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
             lease.fencing_token()
         );
         last = lease.fencing_token();
-        if i % 3 == 0 {
-            let_expire(ms(200)).await; // this holder loses it by expiry
+        if expires {
+            let_expire(ttl).await; // this holder loses it by expiry
             assert!(!lease.release().await.unwrap());
         } else {
             assert!(lease.release().await.unwrap());
@@ -175,14 +184,18 @@ async fn lock_fencing_tokens_increase_across_holders_and_expiry(c: Ctx) {
         "the fencing counter must never expire"
     );
     let other = nodes[0]
-        .try_acquire("another", ms(200))
+        .try_acquire("another", Duration::from_secs(30))
         .await
         .unwrap()
         .unwrap();
+    assert_ne!(
+        crate::lock::fence_counter_key(b"another"),
+        crate::lock::fence_counter_key(b"fenced")
+    );
     assert_eq!(
         other.fencing_token(),
         1,
-        "each lock name has its own sequence"
+        "a name on another stripe has its own sequence"
     );
 }
 
