@@ -13,6 +13,7 @@
 
 pub mod backend;
 pub mod breaker;
+pub mod cache;
 pub mod dedup;
 mod embedded;
 mod error;

@@ -116,6 +116,7 @@ macro_rules! case {
 }
 
 mod breaker;
+mod cache;
 mod cancel_point;
 mod dedup;
 mod flags;
@@ -142,6 +143,7 @@ pub fn cases() -> Vec<Case> {
     all.extend(otp::cases());
     all.extend(breaker::cases());
     all.extend(flags::cases());
+    all.extend(cache::cases());
     #[cfg(feature = "http")]
     {
         all.extend(http_ratelimit::cases());
