@@ -77,6 +77,8 @@
 
 mod codec;
 mod flight;
+#[cfg(feature = "http")]
+pub mod http;
 
 use std::any::Any;
 use std::fmt;
@@ -1374,4 +1376,109 @@ fn check_len(key: &[u8]) -> Result<()> {
 /// negative entry as a miss (no negative TTL): `None` cannot come back.
 fn unreachable_negative<T, E>() -> Result<T, Arc<E>> {
     unreachable!("get_or_compute read a negative entry although negative caching is off")
+}
+
+/// The outcome of [`Collapser::run`].
+#[cfg(feature = "http")]
+pub(crate) enum Collapsed<R> {
+    /// This caller did the work.
+    Ran(R),
+    /// Another caller (here or in another process) did it; look for its result.
+    Waited,
+}
+
+/// Single-flight plus a lease, for work whose result the caller finds by itself afterwards
+/// (the HTTP cache re-reads the stored response): one runner per key in the process, one
+/// across processes; everyone else waits until the runner is done (or its lease is gone) and
+/// is told so.
+#[cfg(feature = "http")]
+pub(crate) struct Collapser {
+    backend: Arc<dyn Backend>,
+    flights: Flights,
+    lease_ttl: Duration,
+    lease_wait: Duration,
+    /// Callers that waited for another's work (in this process or another).
+    pub(crate) waits: AtomicU64,
+}
+
+#[cfg(feature = "http")]
+impl Collapser {
+    pub(crate) fn new(
+        backend: Arc<dyn Backend>,
+        lease_ttl: Duration,
+        lease_wait: Duration,
+    ) -> Self {
+        Collapser {
+            backend,
+            flights: Flights::default(),
+            lease_ttl,
+            lease_wait,
+            waits: AtomicU64::new(0),
+        }
+    }
+
+    /// Runs `work` unless someone else holds the key; the backend failing means running it.
+    pub(crate) async fn run<R, Fut>(&self, lease_key: &[u8], work: Fut) -> Collapsed<R>
+    where
+        Fut: Future<Output = R>,
+    {
+        let leader = loop {
+            match self.flights.join(lease_key) {
+                Role::Follower(rx) => {
+                    bump(&self.waits);
+                    if flight::follow(rx).await.is_some() {
+                        return Collapsed::Waited;
+                    }
+                }
+                Role::Leader(leader) => break leader,
+            }
+        };
+        let deadline = Instant::now() + self.lease_wait;
+        let mut delay = POLL_MIN;
+        let mut waited = false;
+        loop {
+            let nonce: [u8; NONCE_BYTES] = rand::random();
+            match self
+                .backend
+                .set_nx(lease_key, &nonce, Some(self.lease_ttl))
+                .await
+            {
+                Ok(true) => {
+                    let guard = LeaseGuard {
+                        backend: Arc::clone(&self.backend),
+                        key: lease_key.to_vec(),
+                        nonce,
+                        armed: true,
+                    };
+                    let r = work.await;
+                    guard.release().await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
+                Ok(false) if !waited => {
+                    waited = true;
+                    bump(&self.waits);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(target: "keel::cache", error = %e,
+                        "cache lease failed; running without collapsing");
+                    let r = work.await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
+            }
+            if Instant::now() >= deadline {
+                let r = work.await;
+                leader.finish(Arc::new(()));
+                return Collapsed::Ran(r);
+            }
+            tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
+            delay = (delay * 2).min(POLL_MAX);
+            if let Ok(None) = self.backend.get(lease_key).await {
+                leader.finish(Arc::new(()));
+                return Collapsed::Waited;
+            }
+        }
+    }
 }

@@ -591,7 +591,10 @@ async fn cache_stale_while_revalidate_has_one_refresher(c: Ctx) {
     }
     // The refresher took the lease before the others read it held; it may not have reached its
     // computation yet.
-    until("the refresher computes", || runs.load(Ordering::SeqCst) >= 1).await;
+    until("the refresher computes", || {
+        runs.load(Ordering::SeqCst) >= 1
+    })
+    .await;
     release.add_permits(1);
     assert_eq!(rx.recv().await.unwrap(), "new");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "exactly one refresher");
