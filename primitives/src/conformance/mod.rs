@@ -121,6 +121,8 @@ mod cancel_point;
 mod dedup;
 mod flags;
 #[cfg(feature = "http")]
+mod http_cache;
+#[cfg(feature = "http")]
 mod http_idempotency;
 #[cfg(feature = "http")]
 mod http_ratelimit;
@@ -148,6 +150,7 @@ pub fn cases() -> Vec<Case> {
     {
         all.extend(http_ratelimit::cases());
         all.extend(http_idempotency::cases());
+        all.extend(http_cache::cases());
     }
     all
 }

@@ -23,7 +23,7 @@
 //! ```
 //!
 //! # What is stored (§3)
-//! Responses to `GET` whose status is final (not 206 or 304), whose `Cache-Control` has neither
+//! Responses to `GET` whose status is final and not 206, 304 or 5xx, whose `Cache-Control` has neither
 //! `no-store` nor `private` (qualified `private="…"` counts as `private`), without
 //! `Set-Cookie`, without `Vary: *`, with a body of at most the cap (default 1 MiB; a larger
 //! response is streamed through unstored), and with explicit freshness (`s-maxage`, `max-age`
@@ -36,22 +36,22 @@
 //! The stored variant matching the request's `Vary` fields (names lower-cased; values trimmed
 //! with inner whitespace collapsed), if it is fresh enough for the request (`max-age`,
 //! `min-fresh`, `max-stale`), neither side says `no-cache`, and an `Authorization` request meets
-//! the §3.5 rule. Served with `Age` and `Cache-Status: keel; hit; ttl=…`. A client's
+//! the §3.5 rule. Served with `Age` and `Cache-Status: keel;hit;ttl=…`. A client's
 //! `If-None-Match` (weak comparison, `*`) or `If-Modified-Since` is answered with a 304 carrying
 //! `Cache-Control`, `Content-Location`, `Date`, `ETag`, `Expires` and `Vary` (RFC 9110
 //! §15.4.5).
 //!
 //! A stale entry within its `stale-while-revalidate` window is served
-//! (`Cache-Status: keel; hit; ttl=-N`) while one background request revalidates it (one per
+//! (`Cache-Status: keel;hit;ttl=-N`) while one background request revalidates it (one per
 //! entry across replicas, through a lease). Otherwise it is revalidated with the origin using
 //! its `ETag`/`Last-Modified`; a 304 refreshes its stored headers and it is served
-//! (`fwd=stale; fwd-status=304`). If the origin fails (500, 502, 503, 504 or a handler error)
+//! (`fwd=stale;fwd-status=304`). If the origin fails (500, 502, 503, 504 or a handler error)
 //! within the response's or the request's `stale-if-error` window, the stale entry is served.
 //! `only-if-cached` with no usable entry is a 504.
 //!
 //! Misses (`fwd=uri-miss` or `fwd=vary-miss`) for one key collapse: one request (per key, per
 //! process and across replicas through a lease) goes to the handler; the others wait, then read
-//! what it stored (`Cache-Status: keel; hit; collapsed`), or go to the handler themselves when
+//! what it stored (`Cache-Status: keel;hit;collapsed`), or go to the handler themselves when
 //! nothing usable was stored.
 //!
 //! # Invalidation
@@ -870,7 +870,9 @@ fn storable(
     headers: &HeaderMap,
     response_s: u64,
 ) -> bool {
+    // 5xx are not stored: they would replace a good entry that stale-if-error could serve.
     if rcc.no_store
+        || status.is_server_error()
         || status.is_informational()
         || status == StatusCode::PARTIAL_CONTENT
         || status == StatusCode::NOT_MODIFIED
@@ -1586,6 +1588,13 @@ fn spawn_revalidation<S, ReqBody, ResBody>(
         {
             Ok(true) => {}
             _ => return,
+        }
+        // A replica (or an earlier task here) may have refreshed the entry already.
+        if let Ok(Lookup::Found(now_stored)) = cache.lookup(&primary, background.headers()).await
+            && now_stored.response_ms != stored.response_ms
+        {
+            let _ = cache.backend.compare_and_delete(&lease, &nonce).await;
+            return;
         }
         let client_headers = background.headers().clone();
         let stored_headers = stored.header_map();
