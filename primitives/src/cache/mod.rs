@@ -1433,41 +1433,41 @@ impl Collapser {
                 Role::Leader(leader) => break leader,
             }
         };
+        let nonce: [u8; NONCE_BYTES] = rand::random();
+        match self
+            .backend
+            .set_nx(lease_key, &nonce, Some(self.lease_ttl))
+            .await
+        {
+            Ok(true) => {
+                let guard = LeaseGuard {
+                    backend: Arc::clone(&self.backend),
+                    key: lease_key.to_vec(),
+                    nonce,
+                    armed: true,
+                };
+                let r = work.await;
+                guard.release().await;
+                leader.finish(Arc::new(()));
+                return Collapsed::Ran(r);
+            }
+            Ok(false) => bump(&self.waits),
+            Err(e) => {
+                tracing::warn!(target: "keel::cache", error = %e,
+                    "cache lease failed; running without collapsing");
+                let r = work.await;
+                leader.finish(Arc::new(()));
+                return Collapsed::Ran(r);
+            }
+        }
+        // Another process holds the key. Wait until its lease is gone (released after it
+        // stored its result, or expired with its holder), and never take it over: the lease
+        // may be released between a poll and a retake, and the retake would run the work a
+        // second time. The caller looks for the stored result and, if there is none (not
+        // storable, or the holder died), does the work itself.
         let deadline = Instant::now() + self.lease_wait;
         let mut delay = POLL_MIN;
-        let mut waited = false;
         loop {
-            let nonce: [u8; NONCE_BYTES] = rand::random();
-            match self
-                .backend
-                .set_nx(lease_key, &nonce, Some(self.lease_ttl))
-                .await
-            {
-                Ok(true) => {
-                    let guard = LeaseGuard {
-                        backend: Arc::clone(&self.backend),
-                        key: lease_key.to_vec(),
-                        nonce,
-                        armed: true,
-                    };
-                    let r = work.await;
-                    guard.release().await;
-                    leader.finish(Arc::new(()));
-                    return Collapsed::Ran(r);
-                }
-                Ok(false) if !waited => {
-                    waited = true;
-                    bump(&self.waits);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(target: "keel::cache", error = %e,
-                        "cache lease failed; running without collapsing");
-                    let r = work.await;
-                    leader.finish(Arc::new(()));
-                    return Collapsed::Ran(r);
-                }
-            }
             if Instant::now() >= deadline {
                 let r = work.await;
                 leader.finish(Arc::new(()));
@@ -1475,10 +1475,127 @@ impl Collapser {
             }
             tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
             delay = (delay * 2).min(POLL_MAX);
-            if let Ok(None) = self.backend.get(lease_key).await {
-                leader.finish(Arc::new(()));
-                return Collapsed::Waited;
+            match self.backend.get(lease_key).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Waited;
+                }
+                Err(e) => {
+                    tracing::warn!(target: "keel::cache", error = %e,
+                        "cache lease poll failed; running without collapsing");
+                    let r = work.await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Embedded;
+
+    #[test]
+    fn entry_header_round_trips_and_rejects_foreign_bytes() {
+        let h = Header {
+            negative: false,
+            stored_ms: 1,
+            fresh_until_ms: 2,
+            compute_ms: 3,
+        };
+        let bytes = encode_entry(h, b"payload");
+        assert_eq!(decode_entry(&bytes), Some((h, &b"payload"[..])));
+        assert_eq!(decode_entry(b"short"), None);
+        let mut wrong_version = bytes.clone();
+        wrong_version[0] = 9;
+        assert_eq!(decode_entry(&wrong_version), None);
+        let mut wrong_kind = bytes;
+        wrong_kind[1] = 7;
+        assert_eq!(decode_entry(&wrong_kind), None);
+    }
+
+    #[test]
+    fn bad_configurations_fail_at_build() {
+        let b: Arc<dyn Backend> = Arc::new(Embedded::memory());
+        assert!(matches!(
+            Cache::builder(Arc::clone(&b), "").build(),
+            Err(CacheConfigError::Namespace(_))
+        ));
+        assert!(matches!(
+            Cache::builder(Arc::clone(&b), "a:b").build(),
+            Err(CacheConfigError::Namespace(_))
+        ));
+        assert!(matches!(
+            Cache::builder(Arc::clone(&b), "ns")
+                .default_ttl(Duration::ZERO)
+                .build(),
+            Err(CacheConfigError::Duration { .. })
+        ));
+        assert!(matches!(
+            Cache::builder(Arc::clone(&b), "ns")
+                .xfetch_beta(-1.0)
+                .build(),
+            Err(CacheConfigError::Beta(_))
+        ));
+        assert!(matches!(
+            Cache::builder(b, "ns").xfetch_beta(f64::NAN).build(),
+            Err(CacheConfigError::Beta(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leader_hands_the_key_to_a_waiter() {
+        let cache = Cache::new(Arc::new(Embedded::memory()), "t");
+        let started = Arc::new(tokio::sync::Notify::new());
+        let leader = {
+            let (cache, started) = (cache.clone(), Arc::clone(&started));
+            tokio::spawn(async move {
+                cache
+                    .get_or_compute("k", TTL_DEFAULT, || async {
+                        started.notify_one();
+                        std::future::pending::<Result<u8, ()>>().await
+                    })
+                    .await
+            })
+        };
+        started.notified().await;
+        let follower = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                cache
+                    .get_or_compute("k", TTL_DEFAULT, || async { Ok::<u8, ()>(9) })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        leader.abort();
+        assert_eq!(follower.await.unwrap(), Ok(9));
+        assert_eq!(cache.inner.flights.len(), 0);
+    }
+
+    #[cfg(feature = "cache-l1")]
+    #[tokio::test]
+    async fn l1_serves_within_its_bound_and_local_invalidation_clears_it() {
+        let backend: Arc<dyn Backend> = Arc::new(Embedded::memory());
+        let cache = Cache::builder(Arc::clone(&backend), "l1")
+            .l1(100, Duration::from_secs(60))
+            .build()
+            .unwrap();
+        cache.set("k", &1u32, None).await.unwrap();
+        // Another replica deletes the entry behind this one's back: the L1 still serves it
+        // (within its staleness bound)...
+        let other = Cache::new(Arc::clone(&backend), "l1");
+        assert!(other.delete("k").await.unwrap());
+        assert_eq!(cache.get::<u32>("k").await.unwrap(), Some(1));
+        // ...while a delete through this cache is seen at once.
+        cache.set("k", &2u32, None).await.unwrap();
+        assert!(cache.delete("k").await.unwrap());
+        assert_eq!(cache.get::<u32>("k").await.unwrap(), None);
+        cache.set("j", &3u32, None).await.unwrap();
+        cache.invalidate_prefix("").await.unwrap();
+        assert_eq!(cache.get::<u32>("j").await.unwrap(), None);
     }
 }

@@ -897,10 +897,16 @@ async fn http_cache_concurrent_misses_collapse_across_replicas(c: Ctx) {
     for h in handles {
         let r = h.await.unwrap();
         assert_eq!(r.status(), 200);
-        if header(&r, "cache-status").is_some_and(|s| s.contains("collapsed")) {
+        let cs = header(&r, "cache-status");
+        if cs.as_deref().is_some_and(|s| s.contains("collapsed")) {
             collapsed += 1;
         }
-        assert_eq!(r.text().await.unwrap(), "report#1");
+        let stats = [replicas[0].stats(), replicas[1].stats()];
+        assert_eq!(
+            r.text().await.unwrap(),
+            "report#1",
+            "Cache-Status {cs:?}, {stats:?}"
+        );
     }
     assert_eq!(
         origin.calls(),
