@@ -5,6 +5,9 @@
 //!
 //! A leader that is dropped before it finishes (its caller was cancelled) drops its sender:
 //! the followers see the channel close and one of them becomes the next leader.
+//!
+//! `Collapser` (feature `http`) adds a cross-process lease for work whose result the caller
+//! finds by itself afterwards: the HTTP cache's misses.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -97,6 +100,134 @@ pub(crate) async fn follow(mut rx: Slot) -> Option<Outcome> {
     match rx.wait_for(Option::is_some).await {
         Ok(v) => v.clone(),
         Err(_) => None,
+    }
+}
+
+#[cfg(feature = "http")]
+pub(crate) use collapse::{Collapsed, Collapser};
+
+/// Single-flight plus a lease, for the HTTP cache's misses.
+#[cfg(feature = "http")]
+mod collapse {
+    use std::future::Future;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    use std::time::{Duration, Instant};
+
+    use super::{Flights, Role, follow};
+    use crate::Backend;
+    use crate::cache::{LeaseGuard, NONCE_BYTES, POLL_MAX, POLL_MIN, bump};
+
+    /// The outcome of [`Collapser::run`].
+    pub(crate) enum Collapsed<R> {
+        /// This caller did the work.
+        Ran(R),
+        /// Another caller (here or in another process) did it; look for its result.
+        Waited,
+    }
+
+    /// Single-flight plus a lease, for work whose result the caller finds by itself afterwards
+    /// (the HTTP cache re-reads the stored response): one runner per key in the process, one
+    /// across processes; everyone else waits until the runner is done (or its lease is gone) and
+    /// is told so.
+    pub(crate) struct Collapser {
+        backend: Arc<dyn Backend>,
+        flights: Flights,
+        pub(crate) lease_ttl: Duration,
+        lease_wait: Duration,
+        /// Callers that waited for another's work (in this process or another).
+        pub(crate) waits: AtomicU64,
+    }
+
+    impl Collapser {
+        pub(crate) fn new(
+            backend: Arc<dyn Backend>,
+            lease_ttl: Duration,
+            lease_wait: Duration,
+        ) -> Self {
+            Collapser {
+                backend,
+                flights: Flights::default(),
+                lease_ttl,
+                lease_wait,
+                waits: AtomicU64::new(0),
+            }
+        }
+
+        /// Runs `work` unless someone else holds the key; the backend failing means running it.
+        pub(crate) async fn run<R, Fut>(&self, lease_key: &[u8], work: Fut) -> Collapsed<R>
+        where
+            Fut: Future<Output = R>,
+        {
+            let leader = loop {
+                match self.flights.join(lease_key) {
+                    Role::Follower(rx) => {
+                        bump(&self.waits);
+                        if follow(rx).await.is_some() {
+                            return Collapsed::Waited;
+                        }
+                    }
+                    Role::Leader(leader) => break leader,
+                }
+            };
+            let nonce: [u8; NONCE_BYTES] = rand::random();
+            match self
+                .backend
+                .set_nx(lease_key, &nonce, Some(self.lease_ttl))
+                .await
+            {
+                Ok(true) => {
+                    let guard = LeaseGuard {
+                        backend: Arc::clone(&self.backend),
+                        key: lease_key.to_vec(),
+                        nonce,
+                        armed: true,
+                    };
+                    let r = work.await;
+                    guard.release().await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
+                Ok(false) => bump(&self.waits),
+                Err(e) => {
+                    tracing::warn!(target: "keel::cache", error = %e,
+                        "cache lease failed; running without collapsing");
+                    let r = work.await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
+            }
+            // Another process holds the key. Wait until its lease is gone (released after it
+            // stored its result, or expired with its holder), and never take it over: the lease
+            // may be released between a poll and a retake, and the retake would run the work a
+            // second time. The caller looks for the stored result and, if there is none (not
+            // storable, or the holder died), does the work itself.
+            let deadline = Instant::now() + self.lease_wait;
+            let mut delay = POLL_MIN;
+            loop {
+                if Instant::now() >= deadline {
+                    let r = work.await;
+                    leader.finish(Arc::new(()));
+                    return Collapsed::Ran(r);
+                }
+                tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
+                delay = (delay * 2).min(POLL_MAX);
+                match self.backend.get(lease_key).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
+                        leader.finish(Arc::new(()));
+                        return Collapsed::Waited;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "keel::cache", error = %e,
+                            "cache lease poll failed; running without collapsing");
+                        let r = work.await;
+                        leader.finish(Arc::new(()));
+                        return Collapsed::Ran(r);
+                    }
+                }
+            }
+        }
     }
 }
 

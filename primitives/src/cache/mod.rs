@@ -90,6 +90,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 
 pub use codec::{Binary, Codec, CodecError, Json, Raw};
+#[cfg(feature = "http")]
+pub(crate) use flight::{Collapsed, Collapser};
 use flight::{Flights, Role};
 
 use crate::backend::{Backend, KEY_BYTES_MAX, TTL_MAX};
@@ -108,12 +110,12 @@ pub const XFETCH_BETA_DEFAULT: f64 = 1.0;
 /// Most tags on one entry.
 pub const TAGS_MAX: usize = 16;
 /// Polling bounds while another process holds a key's lease.
-const POLL_MIN: Duration = Duration::from_millis(5);
-const POLL_MAX: Duration = Duration::from_millis(100);
+pub(crate) const POLL_MIN: Duration = Duration::from_millis(5);
+pub(crate) const POLL_MAX: Duration = Duration::from_millis(100);
 /// How often the default clock re-reads the backend's time.
 const CLOCK_RESYNC: Duration = Duration::from_secs(10);
 /// Bytes of a lease's owner nonce.
-const NONCE_BYTES: usize = 16;
+pub(crate) const NONCE_BYTES: usize = 16;
 /// Entry header: version, kind, stored-at ms, fresh-until ms, compute ms.
 const HEADER_BYTES: usize = 1 + 1 + 8 + 8 + 4;
 const ENTRY_VERSION: u8 = 1;
@@ -249,7 +251,7 @@ struct Counters {
     lease_waits: AtomicU64,
 }
 
-fn bump(c: &AtomicU64) {
+pub(crate) fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
@@ -1320,15 +1322,15 @@ impl<C> Cache<C> {
 
 /// Releases a lease when dropped unreleased (the computing caller was cancelled), on the
 /// current runtime, so waiters in other processes need not wait out its TTL.
-struct LeaseGuard {
-    backend: Arc<dyn Backend>,
-    key: Vec<u8>,
-    nonce: [u8; NONCE_BYTES],
-    armed: bool,
+pub(crate) struct LeaseGuard {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) nonce: [u8; NONCE_BYTES],
+    pub(crate) armed: bool,
 }
 
 impl LeaseGuard {
-    async fn release(mut self) {
+    pub(crate) async fn release(mut self) {
         self.armed = false;
         if let Err(e) = self
             .backend
@@ -1376,121 +1378,6 @@ fn check_len(key: &[u8]) -> Result<()> {
 /// negative entry as a miss (no negative TTL): `None` cannot come back.
 fn unreachable_negative<T, E>() -> Result<T, Arc<E>> {
     unreachable!("get_or_compute read a negative entry although negative caching is off")
-}
-
-/// The outcome of [`Collapser::run`].
-#[cfg(feature = "http")]
-pub(crate) enum Collapsed<R> {
-    /// This caller did the work.
-    Ran(R),
-    /// Another caller (here or in another process) did it; look for its result.
-    Waited,
-}
-
-/// Single-flight plus a lease, for work whose result the caller finds by itself afterwards
-/// (the HTTP cache re-reads the stored response): one runner per key in the process, one
-/// across processes; everyone else waits until the runner is done (or its lease is gone) and
-/// is told so.
-#[cfg(feature = "http")]
-pub(crate) struct Collapser {
-    backend: Arc<dyn Backend>,
-    flights: Flights,
-    lease_ttl: Duration,
-    lease_wait: Duration,
-    /// Callers that waited for another's work (in this process or another).
-    pub(crate) waits: AtomicU64,
-}
-
-#[cfg(feature = "http")]
-impl Collapser {
-    pub(crate) fn new(
-        backend: Arc<dyn Backend>,
-        lease_ttl: Duration,
-        lease_wait: Duration,
-    ) -> Self {
-        Collapser {
-            backend,
-            flights: Flights::default(),
-            lease_ttl,
-            lease_wait,
-            waits: AtomicU64::new(0),
-        }
-    }
-
-    /// Runs `work` unless someone else holds the key; the backend failing means running it.
-    pub(crate) async fn run<R, Fut>(&self, lease_key: &[u8], work: Fut) -> Collapsed<R>
-    where
-        Fut: Future<Output = R>,
-    {
-        let leader = loop {
-            match self.flights.join(lease_key) {
-                Role::Follower(rx) => {
-                    bump(&self.waits);
-                    if flight::follow(rx).await.is_some() {
-                        return Collapsed::Waited;
-                    }
-                }
-                Role::Leader(leader) => break leader,
-            }
-        };
-        let nonce: [u8; NONCE_BYTES] = rand::random();
-        match self
-            .backend
-            .set_nx(lease_key, &nonce, Some(self.lease_ttl))
-            .await
-        {
-            Ok(true) => {
-                let guard = LeaseGuard {
-                    backend: Arc::clone(&self.backend),
-                    key: lease_key.to_vec(),
-                    nonce,
-                    armed: true,
-                };
-                let r = work.await;
-                guard.release().await;
-                leader.finish(Arc::new(()));
-                return Collapsed::Ran(r);
-            }
-            Ok(false) => bump(&self.waits),
-            Err(e) => {
-                tracing::warn!(target: "keel::cache", error = %e,
-                    "cache lease failed; running without collapsing");
-                let r = work.await;
-                leader.finish(Arc::new(()));
-                return Collapsed::Ran(r);
-            }
-        }
-        // Another process holds the key. Wait until its lease is gone (released after it
-        // stored its result, or expired with its holder), and never take it over: the lease
-        // may be released between a poll and a retake, and the retake would run the work a
-        // second time. The caller looks for the stored result and, if there is none (not
-        // storable, or the holder died), does the work itself.
-        let deadline = Instant::now() + self.lease_wait;
-        let mut delay = POLL_MIN;
-        loop {
-            if Instant::now() >= deadline {
-                let r = work.await;
-                leader.finish(Arc::new(()));
-                return Collapsed::Ran(r);
-            }
-            tokio::time::sleep(delay.mul_f64(rand::random_range(0.5..=1.0))).await;
-            delay = (delay * 2).min(POLL_MAX);
-            match self.backend.get(lease_key).await {
-                Ok(Some(_)) => {}
-                Ok(None) => {
-                    leader.finish(Arc::new(()));
-                    return Collapsed::Waited;
-                }
-                Err(e) => {
-                    tracing::warn!(target: "keel::cache", error = %e,
-                        "cache lease poll failed; running without collapsing");
-                    let r = work.await;
-                    leader.finish(Arc::new(()));
-                    return Collapsed::Ran(r);
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]
