@@ -700,13 +700,7 @@ impl Inner {
     }
 
     /// Stores a response under the request's variant; returns whether it did.
-    async fn store(
-        &self,
-        primary: &str,
-        req_headers: &HeaderMap,
-        stored: &Stored,
-        now_ms: u64,
-    ) -> bool {
+    async fn store(&self, primary: &str, req_headers: &HeaderMap, stored: &Stored) -> bool {
         let headers = stored.header_map();
         let cc = ResponseCc::parse(&headers);
         let lifetime = freshness_lifetime(&cc, &headers, stored.response_ms / 1000);
@@ -736,7 +730,6 @@ impl Inner {
         let (Some(record), Some(index)) = (encode(stored), encode(&VaryIndex { names })) else {
             return false;
         };
-        let _ = now_ms;
         let r = async {
             self.backend
                 .set(&self.key(b"h:", primary, Some(&sec)), &record, Some(keep))
@@ -1416,9 +1409,7 @@ where
     let status = res.status();
     if status == StatusCode::NOT_MODIFIED {
         let fresh = refreshed(&stored, res.headers(), request_ms, response_ms);
-        let stored_ok = cache
-            .store(&primary, &client_headers, &fresh, response_ms)
-            .await;
+        let stored_ok = cache.store(&primary, &client_headers, &fresh).await;
         let s = Status {
             fwd: Some(fwd),
             fwd_status: Some(304),
@@ -1548,9 +1539,7 @@ where
         Buffered::Whole(body) => {
             let stored =
                 Stored::from_parts(parts.status, &parts.headers, body, request_ms, response_ms);
-            s.stored = cache
-                .store(primary, client_headers, &stored, response_ms)
-                .await;
+            s.stored = cache.store(primary, client_headers, &stored).await;
             from_stored(cache, &stored, method, client_headers, response_ms, &s)
         }
     }
@@ -1605,9 +1594,7 @@ fn spawn_revalidation<S, ReqBody, ResBody>(
             let rcc = RequestCc::default();
             if res.status() == StatusCode::NOT_MODIFIED {
                 let fresh = refreshed(&stored, res.headers(), request_ms, response_ms);
-                cache
-                    .store(&primary, &client_headers, &fresh, response_ms)
-                    .await;
+                cache.store(&primary, &client_headers, &fresh).await;
             } else if storable(
                 &client_headers,
                 &rcc,
@@ -1624,9 +1611,7 @@ fn spawn_revalidation<S, ReqBody, ResBody>(
                         request_ms,
                         response_ms,
                     );
-                    cache
-                        .store(&primary, &client_headers, &fresh, response_ms)
-                        .await;
+                    cache.store(&primary, &client_headers, &fresh).await;
                 }
             }
         }
