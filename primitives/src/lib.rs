@@ -7,12 +7,14 @@
 //! on all of them. [`Namespaced`] lets several applications share one server.
 //!
 //! The primitives themselves land module by module on this contract: [`lock`] (leases with
-//! fencing tokens), [`ratelimit`] and [`idempotency`] today. With the `http` feature, `http`
+//! fencing tokens), [`ratelimit`], [`idempotency`] and [`cache`] (a value cache with stampede
+//! protection across replicas; with `http`, an RFC 9111 response cache layer) today. With the `http` feature, `http`
 //! holds what tower layers share (key extraction, problem responses) and each primitive's
 //! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
 
 pub mod backend;
 pub mod breaker;
+pub mod cache;
 pub mod dedup;
 mod embedded;
 mod error;

@@ -116,9 +116,12 @@ macro_rules! case {
 }
 
 mod breaker;
+mod cache;
 mod cancel_point;
 mod dedup;
 mod flags;
+#[cfg(feature = "http")]
+mod http_cache;
 #[cfg(feature = "http")]
 mod http_idempotency;
 #[cfg(feature = "http")]
@@ -142,10 +145,12 @@ pub fn cases() -> Vec<Case> {
     all.extend(otp::cases());
     all.extend(breaker::cases());
     all.extend(flags::cases());
+    all.extend(cache::cases());
     #[cfg(feature = "http")]
     {
         all.extend(http_ratelimit::cases());
         all.extend(http_idempotency::cases());
+        all.extend(http_cache::cases());
     }
     all
 }
