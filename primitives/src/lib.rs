@@ -24,6 +24,8 @@ pub mod lock;
 mod namespace;
 pub mod otp;
 pub mod ratelimit;
+pub mod session;
+pub mod user_session;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;
