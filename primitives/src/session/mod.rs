@@ -98,7 +98,7 @@ pub const TOUCH_INTERVAL_DEFAULT: Duration = Duration::from_secs(60);
 /// Default limit on a stored record: 64 KiB.
 pub const RECORD_BYTES_DEFAULT: usize = 64 << 10;
 /// How many times a save re-reads and re-applies after losing a compare-and-swap.
-pub const SAVE_ATTEMPTS_MAX: usize = 8;
+pub const SAVE_ATTEMPTS_MAX: usize = 64;
 /// Random bytes in a token (256 bits).
 const TOKEN_BYTES: usize = 32;
 /// Characters of a token: base64url without padding of [`TOKEN_BYTES`].
