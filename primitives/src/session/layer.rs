@@ -85,7 +85,9 @@ pub enum SessionLayerError {
     #[error("the session layer needs at least one key")]
     NoKey,
     /// A key is shorter than [`KEY_BYTES_MIN`].
-    #[error("session key {index} is {bytes} bytes; at least {KEY_BYTES_MIN} random bytes are needed")]
+    #[error(
+        "session key {index} is {bytes} bytes; at least {KEY_BYTES_MIN} random bytes are needed"
+    )]
     ShortKey {
         /// Its position in the key list.
         index: usize,
@@ -421,9 +423,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let config = Arc::clone(&self.config);
         let (token, presented, retired) = config.read(req.headers());
-        let session = config
-            .store
-            .open_with(token.as_deref(), presented, retired);
+        let session = config.store.open_with(token.as_deref(), presented, retired);
         req.extensions_mut().insert(session.clone());
         ResponseFuture {
             inner: Box::pin(async move {

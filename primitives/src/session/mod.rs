@@ -130,7 +130,9 @@ pub enum SessionError {
     },
     /// The record would exceed the configured limit; nothing was written. Store less in the
     /// session (or raise [`SessionStoreBuilder::max_record_bytes`]).
-    #[error("session record would be {bytes} bytes, over the limit of {limit}; nothing was written")]
+    #[error(
+        "session record would be {bytes} bytes, over the limit of {limit}; nothing was written"
+    )]
     TooLarge {
         /// The record's size.
         bytes: usize,
@@ -501,7 +503,8 @@ struct State {
     cleared: bool,
     cycle: bool,
     flushed: bool,
-    /// A token re-issue is due (signed with a retired key) even without changes.
+    /// A cookie is due even without changes: the token was signed with a retired key, or a
+    /// save during the request wrote the record.
     reissue: bool,
 }
 
@@ -671,7 +674,8 @@ impl Session {
         if bool::from(auth.hash.as_bytes().ct_eq(current.as_bytes())) {
             return Ok(true);
         }
-        tracing::info!(session = %self.id().await?.map(|i| i.0).unwrap_or_default(), "session-auth hash changed: session ended");
+        let id = self.id().await?.map(|i| i.0).unwrap_or_default();
+        tracing::info!(session = %id, "session-auth hash changed: session ended");
         self.flush().await;
         Ok(false)
     }
@@ -686,6 +690,33 @@ impl Session {
     /// Nothing was written in every case.
     pub async fn save(&self) -> Result<Saved, SessionError> {
         let mut state = self.inner.state.lock().await;
+        let result = self.save_locked(&mut state).await;
+        match &result {
+            Err(SessionError::Ended) => {
+                // Nothing left to save: the client drops its cookie.
+                *state = State {
+                    loaded: true,
+                    ..State::default()
+                };
+            }
+            Err(SessionError::Conflict { .. } | SessionError::TooLarge { .. }) => {
+                // Reported to the caller; the request's changes are dropped, so the layer's
+                // save after the handler does not report them again.
+                state.changes.clear();
+                state.cleared = false;
+                state.cycle = false;
+                state.data = state
+                    .base
+                    .as_ref()
+                    .map(|(_, r)| r.data.clone())
+                    .unwrap_or_default();
+            }
+            _ => {}
+        }
+        result
+    }
+
+    async fn save_locked(&self, state: &mut State) -> Result<Saved, SessionError> {
         let store = &self.inner.store;
         let config = &store.config;
         let b = &config.backend;
@@ -726,7 +757,10 @@ impl Session {
                 .is_some_and(|left| ttl.saturating_sub(left) >= config.touch_ms);
             if ran_down {
                 let id = SessionId::of(&token);
-                if !b.expire(&store.key(&id), Duration::from_millis(ttl)).await? {
+                if !b
+                    .expire(&store.key(&id), Duration::from_millis(ttl))
+                    .await?
+                {
                     return Ok(Saved::Removed);
                 }
                 state.base_ttl_ms = Some(ttl);
@@ -787,7 +821,7 @@ impl Session {
                 if let Some(old) = state.token.replace(token.clone()) {
                     b.delete(&store.key(&SessionId::of(&old))).await?;
                 }
-                return Ok(self.saved(&mut state, bytes, record, ttl_ms, token));
+                return Ok(self.saved(state, bytes, record, ttl_ms, token));
             }
             let token = match &state.token {
                 Some(t) => t.clone(),
@@ -799,11 +833,10 @@ impl Session {
             };
             let key = store.key(&SessionId::of(&token));
             let expected = state.base.as_ref().map(|(b, _)| b.as_slice());
-            if b
-                .compare_and_swap(&key, expected, &bytes, TtlPolicy::Set(ttl))
+            if b.compare_and_swap(&key, expected, &bytes, TtlPolicy::Set(ttl))
                 .await?
             {
-                return Ok(self.saved(&mut state, bytes, record, ttl_ms, token));
+                return Ok(self.saved(state, bytes, record, ttl_ms, token));
             }
             if state.base.is_none() {
                 // Only a brand-new token has no base, and it cannot collide (256 random
@@ -860,7 +893,9 @@ impl Session {
         state.changes.clear();
         state.cleared = false;
         state.cycle = false;
-        state.reissue = false;
+        // The layer's save after the handler (a no-op if nothing changed since) still has to
+        // hand the client this token.
+        state.reissue = true;
         Saved::Stored {
             token,
             ttl: Duration::from_millis(ttl_ms),

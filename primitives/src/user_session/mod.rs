@@ -250,6 +250,25 @@ fn corrupt(what: &str, e: serde_json::Error) -> Error {
     .with_source(e)
 }
 
+/// Adds (or replaces) `records` in a user's entries, evicting the least recently seen past
+/// [`USER_SESSIONS_MAX`]; returns the evicted sessions.
+fn add<'a, A: AppFields>(
+    sessions: &mut Vec<UserSession<A>>,
+    records: impl Iterator<Item = &'a UserSession<A>> + Clone,
+) -> Vec<SessionId> {
+    let ids: std::collections::BTreeSet<&SessionId> = records.clone().map(|r| &r.session).collect();
+    sessions.retain(|s| !ids.contains(&s.session));
+    sessions.extend(records.cloned());
+    let mut evicted = Vec::new();
+    if sessions.len() > USER_SESSIONS_MAX {
+        sessions.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        for gone in sessions.drain(USER_SESSIONS_MAX..) {
+            evicted.push(gone.session);
+        }
+    }
+    evicted
+}
+
 /// The repository on any [`Backend`]: a per-user index key kept consistent with
 /// compare-and-swap (see the [module docs](crate::user_session)).
 pub struct BackendRepo<A = ()> {
@@ -291,7 +310,11 @@ impl<A: AppFields> BackendRepo<A> {
     fn index_key(&self, user: &str) -> Vec<u8> {
         let mut k = self.prefix.clone();
         k.extend_from_slice(b"u:");
-        k.extend_from_slice(HEXLOWER.encode(&blake3::hash(user.as_bytes()).as_bytes()[..16]).as_bytes());
+        k.extend_from_slice(
+            HEXLOWER
+                .encode(&blake3::hash(user.as_bytes()).as_bytes()[..16])
+                .as_bytes(),
+        );
         k
     }
 
@@ -349,6 +372,39 @@ impl<A: AppFields> BackendRepo<A> {
         ))
     }
 
+    /// Adds many logins at once (a migration from another repository): one index write per
+    /// user, then one pointer per login. Returns the sessions evicted to keep each user at
+    /// [`USER_SESSIONS_MAX`]; the caller ends them.
+    ///
+    /// # Errors
+    /// The backend's.
+    pub async fn import(&self, records: &[UserSession<A>], now_ms: u64) -> Result<Vec<SessionId>> {
+        let mut by_user: std::collections::BTreeMap<&str, Vec<&UserSession<A>>> =
+            std::collections::BTreeMap::new();
+        for r in records {
+            by_user.entry(r.user.as_str()).or_default().push(r);
+        }
+        let mut evicted = Vec::new();
+        for (user, batch) in by_user {
+            evicted.extend(
+                self.update(user, now_ms, |sessions| {
+                    add(sessions, batch.iter().copied())
+                })
+                .await?,
+            );
+            for r in batch {
+                let ttl = Duration::from_millis(r.expires_ms.saturating_sub(now_ms).max(1));
+                self.backend
+                    .set(&self.pointer_key(&r.session), r.user.as_bytes(), Some(ttl))
+                    .await?;
+            }
+        }
+        for id in &evicted {
+            self.backend.delete(&self.pointer_key(id)).await?;
+        }
+        Ok(evicted)
+    }
+
     async fn user_of(&self, session: &SessionId) -> Result<Option<String>> {
         Ok(self
             .backend
@@ -363,16 +419,7 @@ impl<A: AppFields> UserSessionRepo<A> for BackendRepo<A> {
     async fn insert(&self, record: &UserSession<A>, now_ms: u64) -> Result<Vec<SessionId>> {
         let evicted = self
             .update(&record.user, now_ms, |sessions| {
-                sessions.retain(|s| s.session != record.session);
-                sessions.push(record.clone());
-                let mut evicted = Vec::new();
-                if sessions.len() > USER_SESSIONS_MAX {
-                    sessions.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
-                    for gone in sessions.drain(USER_SESSIONS_MAX..) {
-                        evicted.push(gone.session);
-                    }
-                }
-                evicted
+                add(sessions, std::iter::once(record))
             })
             .await?;
         let ttl = Duration::from_millis(record.expires_ms.saturating_sub(now_ms).max(1));
@@ -539,7 +586,9 @@ impl<R> CachedRepo<R> {
 
     async fn invalidate(&self, user: Option<&str>, sessions: &[SessionId]) -> Result<()> {
         for s in sessions {
-            self.cache.delete(&self.key(&[b"s", s.as_str().as_bytes()])).await?;
+            self.cache
+                .delete(&self.key(&[b"s", s.as_str().as_bytes()]))
+                .await?;
         }
         if let Some(user) = user {
             let gen_key = self.key(&[b"g", Self::user_tag(user).as_bytes()]);
