@@ -261,7 +261,7 @@ fn add<'a, A: AppFields>(
     sessions.extend(records.cloned());
     let mut evicted = Vec::new();
     if sessions.len() > USER_SESSIONS_MAX {
-        sessions.sort_by(|a, b| b.last_seen_ms.cmp(&a.last_seen_ms));
+        sessions.sort_by_key(|s| std::cmp::Reverse(s.last_seen_ms));
         for gone in sessions.drain(USER_SESSIONS_MAX..) {
             evicted.push(gone.session);
         }
