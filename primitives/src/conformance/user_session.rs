@@ -158,14 +158,13 @@ struct Fixture {
     server: super::http_support::Server,
 }
 
-async fn fixture_with(c: &Ctx, store: SessionStore, repo: Repo) -> Fixture {
+async fn fixture_with(store: SessionStore, repo: Repo) -> Fixture {
     let users = Arc::new(UserSessions::new(repo, store.clone()));
     let credential = Arc::new(std::sync::Mutex::new("v1".to_owned()));
     let app = App {
         users: users.clone(),
         credential: credential.clone(),
     };
-    let _ = c;
     let server = serve(routes(app, layer(store).build().unwrap())).await;
     Fixture {
         users,
@@ -177,7 +176,7 @@ async fn fixture_with(c: &Ctx, store: SessionStore, repo: Repo) -> Fixture {
 async fn fixture(c: &Ctx) -> Fixture {
     let backend = confined(c);
     let repo: Repo = Arc::new(BackendRepo::<Label>::new(backend.clone()));
-    fixture_with(c, store(backend).build().unwrap(), repo).await
+    fixture_with(store(backend).build().unwrap(), repo).await
 }
 
 /// A device: its own cookie store, logged in as `user` with `agent`.
@@ -385,13 +384,11 @@ async fn user_session_thousands_list_in_one_round_trip_per_page(c: Ctx) {
 async fn user_session_concurrent_logins_from_two_servers_are_all_listed(c: Ctx) {
     let backend = confined(&c);
     let a = fixture_with(
-        &c,
         store(backend.clone()).build().unwrap(),
         Arc::new(BackendRepo::<Label>::new(backend.clone())),
     )
     .await;
     let b = fixture_with(
-        &c,
         store(backend.clone()).build().unwrap(),
         Arc::new(BackendRepo::<Label>::new(backend.clone())),
     )
@@ -539,7 +536,7 @@ async fn user_session_cache_aside_sees_revocations(c: Ctx) {
     let inner = BackendRepo::<Label>::new(counting.clone());
     let cache: Arc<dyn Backend> = Arc::new(Namespaced::new(backend.clone(), b"cache:".to_vec()));
     let repo: Repo = Arc::new(CachedRepo::new(inner, cache, Duration::from_secs(60)));
-    let f = fixture_with(&c, store(backend).build().unwrap(), repo).await;
+    let f = fixture_with(store(backend).build().unwrap(), repo).await;
     let (laptop, laptop_id) = device(&f, "erin", FIREFOX).await;
     device(&f, "erin", IPHONE).await;
     assert_eq!(

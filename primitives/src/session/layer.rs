@@ -49,7 +49,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use cookie::{Cookie, CookieJar, Key, SameSite};
+use cookie::{Cookie, CookieJar, Key};
+
+/// The `SameSite` cookie attribute (the `cookie` crate's), for
+/// [`SessionLayerBuilder::same_site`].
+pub use cookie::SameSite;
 use http::header::{COOKIE, SET_COOKIE};
 use http::{HeaderValue, Request, Response, StatusCode};
 use tower::{Layer, Service};

@@ -64,12 +64,12 @@
 //! deletes the old record unconditionally (a login must leave the pre-login id dead).
 
 #[cfg(feature = "http")]
-mod layer;
+pub mod layer;
 
 #[cfg(feature = "http")]
 pub use layer::{
-    CookieMode, ResponseFuture, SessionLayer, SessionLayerBuilder, SessionLayerError,
-    SessionService,
+    COOKIE_NAME_DEFAULT, CookieMode, KEY_BYTES_MIN, SameSite, SessionLayer, SessionLayerBuilder,
+    SessionLayerError, SessionService,
 };
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -626,7 +626,7 @@ impl Session {
 
     /// Ends the session: its record is deleted at the next save (the layer's, after the
     /// handler) and the client is told to drop its cookie. Logout. Does not touch the backend
-    /// until then.
+    /// until then; the session stays ended for the rest of the request.
     #[doc(alias = "destroy")]
     pub async fn flush(&self) {
         let mut state = self.inner.state.lock().await;
