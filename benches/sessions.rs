@@ -126,19 +126,18 @@ async fn run(cell: Duration, quick: bool) {
             Ok(r) => Ok(Arc::new(Namespaced::new(Arc::new(r), prefix.clone()))),
             Err(e) => Err(format!("Redis unavailable at {redis_url}: {e}")),
         };
-    let postgres: Result<Arc<dyn Backend>, String> =
-        match std::env::var("KEEL_TEST_POSTGRES_URL") {
-            Ok(url) if !url.is_empty() => {
-                match keel_adapters::postgres::PostgresBackend::connect(&url).await {
-                    Ok(p) => match p.ensure_schema().await {
-                        Ok(()) => Ok(Arc::new(Namespaced::new(Arc::new(p), prefix.clone()))),
-                        Err(e) => Err(format!("Postgres schema: {e}")),
-                    },
-                    Err(e) => Err(format!("Postgres unavailable: {e}")),
-                }
+    let postgres: Result<Arc<dyn Backend>, String> = match std::env::var("KEEL_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => {
+            match keel_adapters::postgres::PostgresBackend::connect(&url).await {
+                Ok(p) => match p.ensure_schema().await {
+                    Ok(()) => Ok(Arc::new(Namespaced::new(Arc::new(p), prefix.clone()))),
+                    Err(e) => Err(format!("Postgres schema: {e}")),
+                },
+                Err(e) => Err(format!("Postgres unavailable: {e}")),
             }
-            _ => Err("KEEL_TEST_POSTGRES_URL is not set".to_owned()),
-        };
+        }
+        _ => Err("KEEL_TEST_POSTGRES_URL is not set".to_owned()),
+    };
 
     let mut cells: Vec<(String, Result<Router, String>, Traffic)> = Vec::new();
     for traffic in [Traffic::Read, Traffic::Write] {
@@ -260,7 +259,10 @@ async fn connection(
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
     sender.ready().await.map_err(|e| e.to_string())?;
-    let response = sender.send_request(login).await.map_err(|e| e.to_string())?;
+    let response = sender
+        .send_request(login)
+        .await
+        .map_err(|e| e.to_string())?;
     let cookie = response
         .headers()
         .get("set-cookie")
