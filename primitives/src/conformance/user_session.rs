@@ -248,6 +248,22 @@ async fn user_session_login_lists_devices_with_parsed_agents(c: Ctx) {
             .map(|s| s.user),
         Some("alice".into())
     );
+    // Logging in again on the laptop replaces its login record (the old id is dead).
+    let (s, relogin) = text(
+        laptop
+            .post(f.server.url("/login/alice"))
+            .header("user-agent", FIREFOX)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{relogin}");
+    assert_ne!(relogin, laptop_id);
+    let page = f.users.list_active("alice", None, 50).await.unwrap();
+    assert_eq!(page.sessions.len(), 2);
+    assert!(page.sessions.iter().any(|s| s.session.as_str() == relogin));
+    assert_eq!(me(&f, &laptop).await, "alice");
 }
 
 async fn user_session_revoke_ends_the_cookie_session_at_once(c: Ctx) {

@@ -749,7 +749,7 @@ impl<A: AppFields, R: UserSessionRepo<A>> UserSessions<A, R> {
 
     /// Logs `session` in as `user`: gives it a new id ([`Session::cycle_id`], the fixation
     /// defence), stores the session-auth hash of `credential` ([`Session::set_auth`]), saves
-    /// it, and records the login.
+    /// it, and records the login (replacing the record of a login this session already had).
     ///
     /// # Errors
     /// The session's save errors, and the repository's as [`SessionError::Backend`]. If the
@@ -763,6 +763,13 @@ impl<A: AppFields, R: UserSessionRepo<A>> UserSessions<A, R> {
         app: A,
     ) -> std::result::Result<UserSession<A>, SessionError> {
         let now = self.store.clock().now_ms();
+        // A login over a logged-in session (switching accounts) replaces its login record:
+        // the old id dies with `cycle_id`, so its record would list a dead session.
+        if session.auth_user().await?.is_some()
+            && let Some(old) = session.id().await?
+        {
+            self.repo.remove(&old, now).await?;
+        }
         session.cycle_id().await?;
         session.set_auth(user, credential).await?;
         session.insert(SEEN_FIELD, now).await?;
