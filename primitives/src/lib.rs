@@ -7,9 +7,11 @@
 //! on all of them. [`Namespaced`] lets several applications share one server.
 //!
 //! The primitives themselves land module by module on this contract: [`lock`] (leases with
-//! fencing tokens), [`ratelimit`] and [`idempotency`] today. With the `http` feature, `http`
-//! holds what tower layers share (key extraction, problem responses) and each primitive's
-//! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
+//! fencing tokens), [`ratelimit`], [`idempotency`], [`session`] (server-side sessions) and
+//! [`user_session`] (per-device logins a user can list and revoke), among others. With the
+//! `http` feature, `http` holds what tower layers share (key extraction, problem responses)
+//! and each primitive's layer sits beside it: `ratelimit::RateLimitLayer`,
+//! `idempotency::IdempotencyLayer`, `session::SessionLayer`.
 
 pub mod backend;
 pub mod breaker;
