@@ -7,10 +7,13 @@
 //! on all of them. [`Namespaced`] lets several applications share one server.
 //!
 //! The primitives themselves land module by module on this contract: [`lock`] (leases with
-//! fencing tokens), [`ratelimit`], [`idempotency`] and [`cache`] (a value cache with stampede
-//! protection across replicas; with `http`, an RFC 9111 response cache layer) today. With the `http` feature, `http`
-//! holds what tower layers share (key extraction, problem responses) and each primitive's
-//! layer sits beside it: `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`.
+//! fencing tokens), [`ratelimit`], [`idempotency`], [`cache`] (a value cache with stampede
+//! protection across replicas; with `http`, an RFC 9111 response cache layer), [`session`]
+//! (server-side sessions) and [`user_session`] (per-device logins a user can list and
+//! revoke), among others. With the `http` feature, `http` holds what tower layers share (key
+//! extraction, problem responses) and each primitive's layer sits beside it:
+//! `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`, `session::SessionLayer`,
+//! `cache::http::HttpCacheLayer`.
 
 pub mod backend;
 pub mod breaker;
@@ -26,6 +29,8 @@ pub mod lock;
 mod namespace;
 pub mod otp;
 pub mod ratelimit;
+pub mod session;
+pub mod user_session;
 
 #[cfg(feature = "conformance")]
 pub mod conformance;

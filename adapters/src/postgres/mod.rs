@@ -44,6 +44,9 @@
 //! rustls; see the [`tls`] module for what each mode checks.
 
 pub mod tls;
+pub mod user_sessions;
+
+pub use user_sessions::PostgresUserSessions;
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};

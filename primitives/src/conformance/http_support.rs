@@ -172,3 +172,108 @@ impl Backend for Outage {
         self.inner.now_ms().await
     }
 }
+
+/// The backend under test, counting the calls made through it (per operation), to show that
+/// a layer did or did not touch the backend.
+pub(super) struct Counting {
+    inner: Arc<dyn Backend>,
+    calls: std::sync::Mutex<std::collections::BTreeMap<&'static str, usize>>,
+}
+
+impl Counting {
+    pub fn new(inner: Arc<dyn Backend>) -> Arc<Self> {
+        Arc::new(Counting {
+            inner,
+            calls: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        })
+    }
+
+    fn hit(&self, op: &'static str) {
+        *self.calls.lock().unwrap().entry(op).or_default() += 1;
+    }
+
+    /// Calls of every operation so far.
+    pub fn total(&self) -> usize {
+        self.calls.lock().unwrap().values().sum()
+    }
+
+    /// Calls of `op` so far.
+    pub fn of(&self, op: &str) -> usize {
+        self.calls.lock().unwrap().get(op).copied().unwrap_or(0)
+    }
+
+    /// What was called, for assertion messages.
+    pub fn calls(&self) -> String {
+        format!("{:?}", self.calls.lock().unwrap())
+    }
+}
+
+#[async_trait]
+impl Backend for Counting {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.hit("get");
+        self.inner.get(key).await
+    }
+    async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
+        self.hit("get_with_ttl");
+        self.inner.get_with_ttl(key).await
+    }
+    async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<()> {
+        self.hit("set");
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        self.hit("set_nx");
+        self.inner.set_nx(key, value, ttl).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+        ttl: TtlPolicy,
+    ) -> Result<bool> {
+        self.hit("compare_and_swap");
+        self.inner.compare_and_swap(key, expected, new, ttl).await
+    }
+    async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> Result<bool> {
+        self.hit("compare_and_delete");
+        self.inner.compare_and_delete(key, expected).await
+    }
+    async fn delete(&self, key: &[u8]) -> Result<bool> {
+        self.hit("delete");
+        self.inner.delete(key).await
+    }
+    async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
+        self.hit("incr");
+        self.inner.incr(key, delta, ttl_on_create).await
+    }
+    async fn expire(&self, key: &[u8], ttl: Duration) -> Result<bool> {
+        self.hit("expire");
+        self.inner.expire(key, ttl).await
+    }
+    async fn persist(&self, key: &[u8]) -> Result<bool> {
+        self.hit("persist");
+        self.inner.persist(key).await
+    }
+    async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
+        self.hit("ttl");
+        self.inner.ttl(key).await
+    }
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        self.hit("scan");
+        self.inner.scan(prefix, cursor, limit).await
+    }
+    async fn now_ms(&self) -> Result<u64> {
+        self.hit("now_ms");
+        self.inner.now_ms().await
+    }
+}

@@ -132,10 +132,15 @@ mod kv;
 mod lock;
 mod otp;
 mod ratelimit;
+#[cfg(feature = "http")]
+mod session;
+#[cfg(feature = "http")]
+mod user_session;
 
 /// Every case, in the order they run: one module per area (`kv`, `lock`, `ratelimit`,
 /// `dedup`, `otp`, ...), each case named `<area>_<behaviour>`. With the `http` feature, the
-/// HTTP layers' cases (`http_ratelimit_…`, `http_idempotency_…`) run a real axum server and
+/// HTTP layers' cases (`http_ratelimit_…`, `http_idempotency_…`) and the sessions' (`session_…`,
+/// `user_session_…`) run a real axum server and
 /// client on the backend.
 pub fn cases() -> Vec<Case> {
     let mut all = kv::cases();
@@ -151,6 +156,8 @@ pub fn cases() -> Vec<Case> {
         all.extend(http_ratelimit::cases());
         all.extend(http_idempotency::cases());
         all.extend(http_cache::cases());
+        all.extend(session::cases());
+        all.extend(user_session::cases());
     }
     all
 }
