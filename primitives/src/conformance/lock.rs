@@ -69,7 +69,7 @@ async fn lock_mutual_exclusion_under_contention(c: Ctx) {
 async fn lock_expiry_lets_the_next_holder_in(c: Ctx) {
     let b = confined(&c);
     let lock = Lock::new(Arc::clone(&b));
-    let ttl = ms(200);
+    let ttl = ms(1000);
     let first = lock
         .try_acquire("job", ttl)
         .await
@@ -95,8 +95,8 @@ async fn lock_expiry_lets_the_next_holder_in(c: Ctx) {
 async fn lock_stale_holder_cannot_release_or_extend(c: Ctx) {
     let b = confined(&c);
     let lock = Lock::new(Arc::clone(&b));
-    let stale = lock.try_acquire("job", ms(200)).await.unwrap().unwrap();
-    let_expire(ms(200)).await;
+    let stale = lock.try_acquire("job", ms(1000)).await.unwrap().unwrap();
+    let_expire(ms(1000)).await;
     let current = lock
         .try_acquire("job", Duration::from_secs(30))
         .await
@@ -133,8 +133,8 @@ async fn lock_stale_holder_cannot_release_or_extend(c: Ctx) {
     assert!(current.release().await.unwrap());
     assert_eq!(b.get(b"lock:{job}").await.unwrap(), None);
     // Expired with nobody else holding it: extend still fails, and says so.
-    let lapsed = lock.try_acquire("alone", ms(200)).await.unwrap().unwrap();
-    let_expire(ms(200)).await;
+    let lapsed = lock.try_acquire("alone", ms(1000)).await.unwrap().unwrap();
+    let_expire(ms(1000)).await;
     assert!(matches!(
         lapsed.extend(Duration::from_secs(30)).await,
         Err(LockError::Lost { .. })
@@ -204,7 +204,7 @@ async fn lock_fence_check_rejects_a_late_write(c: Ctx) {
     let lock = Lock::new(Arc::clone(&b));
     let fence = Fence::new(Arc::clone(&b));
     let stale = lock
-        .try_acquire("ledger-lock", ms(200))
+        .try_acquire("ledger-lock", ms(1000))
         .await
         .unwrap()
         .unwrap();
@@ -215,7 +215,7 @@ async fn lock_fence_check_rejects_a_late_write(c: Ctx) {
             .unwrap(),
         FenceCheck::Accepted
     );
-    let_expire(ms(200)).await;
+    let_expire(ms(1000)).await;
     let current = lock
         .try_acquire("ledger-lock", Duration::from_secs(30))
         .await
@@ -277,12 +277,12 @@ async fn lock_auto_renew_keeps_the_lease_and_reports_loss(c: Ctx) {
     );
     let other = Lock::new(Arc::clone(&b));
     let lease = renewing
-        .try_acquire("renewed", ms(300))
+        .try_acquire("renewed", ms(1000))
         .await
         .unwrap()
         .unwrap();
     // Several TTLs of real time: only the renewals keep it.
-    tokio::time::sleep(ms(1000)).await;
+    tokio::time::sleep(ms(3000)).await;
     assert!(!lease.is_lost(), "auto-renew let the lease lapse");
     assert!(
         other
