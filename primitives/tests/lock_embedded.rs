@@ -204,7 +204,10 @@ async fn incr_durable_keeps_fencing_tokens_through_a_crash_under_periodic_durabi
         "the simulated crash must lose unsynced writes, or this test proves nothing"
     );
     assert_eq!(
-        recovered.get(b"lock-fence:{job}").await.unwrap(),
+        recovered
+            .get(&keel_primitives::lock::fence_counter_key(b"job"))
+            .await
+            .unwrap(),
         Some(b"3".to_vec()),
         "every token handed out is on disk"
     );

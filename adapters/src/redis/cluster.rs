@@ -204,7 +204,8 @@ mod tests {
         assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
         assert_ne!(key_slot(b"foo{}{bar}"), key_slot(b"bar"));
         assert_eq!(key_slot(b"foo{{bar}}zap"), key_slot(b"{bar"));
-        // A lock's lease and fencing counter share a slot, whatever the name holds.
+        // A lock's lease and its per-name fencing counter of earlier versions share a slot,
+        // whatever the name holds.
         for name in [&b"job"[..], b"a}b", b"{x}", b"\xff\x00"] {
             let lease = [&b"lock:{"[..], name, b"}"].concat();
             let fence = [&b"lock-fence:{"[..], name, b"}"].concat();
