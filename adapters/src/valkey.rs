@@ -92,6 +92,12 @@ impl Backend for ValkeyBackend {
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
         self.inner.incr(key, delta, ttl_on_create).await
     }
+    async fn publish_release(&self, key: &[u8]) -> Result<()> {
+        self.inner.publish_release(key).await
+    }
+    fn release_notices(&self) -> Option<keel_primitives::backend::ReleaseNotices> {
+        self.inner.release_notices()
+    }
     async fn expire(&self, key: &[u8], ttl: Duration) -> Result<bool> {
         self.inner.expire(key, ttl).await
     }

@@ -107,7 +107,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, watch};
 
-use crate::backend::{Backend, TtlPolicy, ttl_ms};
+use crate::backend::{Backend, ReleaseNotice, TtlPolicy, ttl_ms};
 use crate::error::{Error, ErrorKind};
 
 /// Length of an owner token, in bytes (128 bits from a CSPRNG).
@@ -397,6 +397,9 @@ impl Lock {
             if tokio::runtime::Handle::try_current().is_err() {
                 return Err(LockError::NoRuntime);
             }
+            if wakes {
+                listen_for_releases(&self.backend);
+            }
             let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
             let _parked = Parked::new(&waiters);
             tokio::select! {
@@ -673,7 +676,7 @@ impl Drop for PartialHold {
         runtime.spawn(async move {
             for value in values {
                 if let Ok(true) = backend.compare_and_delete(&key, &value).await {
-                    wake_waiters(&backend, &key);
+                    released(&backend, &key);
                     return;
                 }
             }
@@ -775,7 +778,11 @@ fn waiters_for(backend: &Arc<dyn Backend>, key: &[u8]) -> Arc<Waiters> {
 
 /// Wakes one of this process's waiters for `key` on `backend` (a hold was just deleted).
 fn wake_waiters(backend: &Arc<dyn Backend>, key: &[u8]) {
-    let id = (backend_id(backend), key.to_vec());
+    wake_waiters_of(backend_id(backend), key);
+}
+
+fn wake_waiters_of(backend: usize, key: &[u8]) {
+    let id = (backend, key.to_vec());
     let waiters = WAITERS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -784,6 +791,84 @@ fn wake_waiters(backend: &Arc<dyn Backend>, key: &[u8]) {
     if let Some(waiters) = waiters {
         waiters.released.notify_one();
     }
+}
+
+/// Wakes one waiter of every key on `backend` in this process (release notices were lost).
+fn wake_every_waiter_of(backend: usize) {
+    let all: Vec<Arc<Waiters>> = WAITERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .filter(|((b, _), _)| *b == backend)
+        .filter_map(|(_, w)| w.upgrade())
+        .collect();
+    for waiters in all {
+        waiters.released.notify_one();
+    }
+}
+
+/// A hold on `key` was deleted by its owner: hands the lock to one waiter in this process and
+/// tells the other processes (a release notice, sent in the background: the release does not
+/// wait for it, and a lost notice only leaves waiters elsewhere to their polling).
+fn released(backend: &Arc<dyn Backend>, key: &[u8]) {
+    wake_waiters(backend, key);
+    let backend = Arc::clone(backend);
+    let key = key.to_vec();
+    tokio::spawn(async move {
+        if let Err(e) = backend.publish_release(&key).await {
+            tracing::debug!(error = %e, "lock release notice not sent; waiters elsewhere poll");
+        }
+    });
+}
+
+/// [`released`] where there may be no runtime to send the notice on (then only this
+/// process's waiters are woken).
+fn released_hold(backend: &Arc<dyn Backend>, key: &[u8]) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        released(backend, key);
+    } else {
+        wake_waiters(backend, key);
+    }
+}
+
+/// Backend handles whose release notices are being turned into wake-ups, by
+/// [`backend_id`]; the `Weak` tells a handle from a later one at the same address.
+type ListenersMap = std::collections::HashMap<usize, std::sync::Weak<dyn Backend>>;
+static LISTENERS: std::sync::LazyLock<std::sync::Mutex<ListenersMap>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Starts, once per backend handle, the task that turns release notices from other processes
+/// into hand-offs to this process's waiters (one waiter per released key, as for a release in
+/// this process). A backend without notices is remembered too, so it is asked only once.
+fn listen_for_releases(backend: &Arc<dyn Backend>) {
+    let id = backend_id(backend);
+    {
+        let mut map = LISTENERS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map
+            .get(&id)
+            .and_then(std::sync::Weak::upgrade)
+            .is_some_and(|known| Arc::ptr_eq(&known, backend))
+        {
+            return;
+        }
+        map.retain(|_, w| w.strong_count() > 0);
+        map.insert(id, Arc::downgrade(backend));
+    }
+    let Some(mut notices) = backend.release_notices() else {
+        return;
+    };
+    // The task holds no strong reference: it ends when the backend (and so the sender of
+    // its notices) is gone.
+    tokio::spawn(async move {
+        while let Some(notice) = notices.recv().await {
+            match notice {
+                ReleaseNotice::Released(key) => wake_waiters_of(id, &key),
+                ReleaseNotice::Missed => wake_every_waiter_of(id),
+            }
+        }
+    });
 }
 
 /// Counts a waiter as parked while it lives.
@@ -806,8 +891,10 @@ impl Drop for Parked<'_> {
     }
 }
 
-/// How many tasks of this process wait for lock `name` on `backend` between two attempts.
-pub(crate) fn parked_waiters(backend: &Arc<dyn Backend>, name: &[u8]) -> usize {
+/// How many tasks of this process wait for lock `name` on `backend` between two attempts (for
+/// monitoring and tests: a waiter counted here is woken by a release through `backend`, or by
+/// a release notice from another process).
+pub fn parked_waiters(backend: &Arc<dyn Backend>, name: &[u8]) -> usize {
     let id = (backend_id(backend), tagged(LOCK_KEY_PREFIX, name));
     WAITERS
         .lock()
@@ -1013,7 +1100,7 @@ impl Lease {
             .await?;
         self.released = true;
         if released {
-            wake_waiters(&self.shared.backend, &self.shared.key);
+            released_hold(&self.shared.backend, &self.shared.key);
         }
         Ok(released)
     }
@@ -1038,7 +1125,7 @@ impl Drop for Lease {
                     .compare_and_delete(&shared.key, &shared.value)
                     .await
                 {
-                    wake_waiters(&shared.backend, &shared.key);
+                    released(&shared.backend, &shared.key);
                 }
             });
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::backend::{
-    Backend, RateMode, RateOutcome, RateRule, ScanCursor, ScanPage, Ttl, TtlPolicy,
+    Backend, RateMode, RateOutcome, RateRule, ReleaseNotices, ScanCursor, ScanPage, Ttl, TtlPolicy,
 };
 use crate::error::Result;
 
@@ -132,5 +132,11 @@ impl Backend for Namespaced {
             .map(|(r, key)| RateRule { key, ..*r })
             .collect();
         self.inner.rate_limit(&prefixed, mode, at_ms).await
+    }
+    async fn publish_release(&self, key: &[u8]) -> Result<()> {
+        self.inner.publish_release(&self.key(key)).await
+    }
+    fn release_notices(&self) -> Option<ReleaseNotices> {
+        Some(self.inner.release_notices()?.within(&self.prefix))
     }
 }

@@ -43,6 +43,7 @@
 //! `sslmode=require|verify-ca|verify-full` (and `sslrootcert=PATH`) in the URL turn on TLS with
 //! rustls; see the [`tls`] module for what each mode checks.
 
+mod notice;
 pub mod tls;
 pub mod user_sessions;
 
@@ -60,8 +61,8 @@ use deadpool_postgres::{
 };
 use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    KEY_BYTES_MAX, RateMode, RateOutcome, RateRule, VALUE_BYTES_MAX, check_key, check_value,
-    not_an_integer, overflow, ttl_ms,
+    KEY_BYTES_MAX, RateMode, RateOutcome, RateRule, ReleaseNotices, VALUE_BYTES_MAX, check_key,
+    check_value, not_an_integer, overflow, ttl_ms,
 };
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
@@ -569,6 +570,8 @@ struct Shared {
     /// The rate-limit step's function was missing (a schema created by an older version):
     /// steps take the default path until `ensure_schema` creates it.
     rate_step_missing: AtomicBool,
+    /// Lock release notices to and from other handles (`NOTIFY`/`LISTEN`).
+    notices: notice::Notices,
 }
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
@@ -1038,6 +1041,7 @@ impl PostgresBackend {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
+        let notices = notice::Notices::new(&table.quoted, config.clone(), tls_config.clone());
         let manager = match tls_config {
             None => Manager::from_config(config, NoTls, manager_config),
             Some(tls_config) => Manager::from_config(
@@ -1083,6 +1087,7 @@ impl PostgresBackend {
             sweep_failures: AtomicU64::new(0),
             sweep_last_error: Mutex::new(None),
             rate_step_missing: AtomicBool::new(false),
+            notices,
         });
         check_server(&shared).await?;
         let sweeper = tokio::spawn(sweep_forever(
@@ -1480,6 +1485,24 @@ impl Backend for PostgresBackend {
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
         self.incr_with(&self.shared.sql.incr, key, delta, ttl_on_create)
             .await
+    }
+
+    async fn publish_release(&self, key: &[u8]) -> Result<()> {
+        check_key(key)?;
+        let channel = self.shared.notices.channel();
+        let payload = self.shared.notices.payload(key);
+        self.shared
+            .query(
+                "publish_release",
+                "SELECT pg_notify($1, $2)",
+                &[&channel, &payload],
+            )
+            .await?;
+        Ok(())
+    }
+
+    fn release_notices(&self) -> Option<ReleaseNotices> {
+        self.shared.notices.receiver()
     }
 
     /// As `incr`, but committed with `synchronous_commit` on even when the session's default

@@ -48,7 +48,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use keel_primitives::backend::rate;
 use keel_primitives::backend::{
-    RateMode, RateOutcome, RateRule, check_key, check_value, not_an_integer, overflow, ttl_ms,
+    RateMode, RateOutcome, RateRule, ReleaseNotices, check_key, check_value, not_an_integer,
+    overflow, ttl_ms,
 };
 use keel_primitives::{
     Backend, Error, ErrorKind, Result, SCAN_LIMIT_MAX, ScanCursor, ScanPage, Ttl, TtlPolicy,
@@ -62,6 +63,7 @@ use redis::{
 
 mod cluster;
 mod link;
+mod notice;
 #[cfg(test)]
 mod server_tests;
 
@@ -439,6 +441,8 @@ pub struct RedisBackend {
     /// (and its clones) even if the server's clock is stepped back or a failover lands on a
     /// server whose clock is behind.
     clock_floor_ms: Arc<AtomicU64>,
+    /// Lock release notices to and from other handles (pub/sub).
+    notices: Arc<notice::Notices>,
 }
 
 impl fmt::Debug for RedisBackend {
@@ -551,6 +555,32 @@ impl RedisBackend {
                 ),
             ));
         }
+        // Release notices are received on a connection of their own: to the server, or to
+        // each seed of a cluster in turn.
+        let db = client.get_connection_info().redis_settings().db();
+        let notice_clients = match &seeds {
+            None => vec![client.clone()],
+            Some(seeds) => seeds
+                .iter()
+                .map(|seed| {
+                    let info = seed
+                        .as_str()
+                        .into_connection_info()
+                        .map_err(bad_url)?
+                        .set_tcp_settings(link::tcp_settings());
+                    match &tls_roots {
+                        Some(certificates) => Client::build_with_tls(info, certificates.clone()),
+                        None => Client::open(info),
+                    }
+                    .map_err(bad_url)
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        let notices = Arc::new(notice::Notices::new(
+            db,
+            notice_clients,
+            options.connect_timeout,
+        ));
         // The client's own response timeout stays off: every operation is bounded by
         // `op_timeout` here instead, which also covers waiting for a reconnection.
         let transport = match &seeds {
@@ -579,6 +609,7 @@ impl RedisBackend {
             fencing: options.fencing,
             op_timeout: options.op_timeout,
             clock_floor_ms: Arc::new(AtomicU64::new(0)),
+            notices,
         })
     }
 
@@ -993,6 +1024,18 @@ impl Backend for RedisBackend {
 
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
         self.incr_with(key, delta, ttl_on_create, None).await
+    }
+
+    async fn publish_release(&self, key: &[u8]) -> Result<()> {
+        check_key(key)?;
+        let mut c = cmd("PUBLISH");
+        c.arg(self.notices.channel()).arg(self.notices.message(key));
+        let _receivers: i64 = self.query("PUBLISH", c).await?;
+        Ok(())
+    }
+
+    fn release_notices(&self) -> Option<ReleaseNotices> {
+        self.notices.receiver()
     }
 
     async fn incr_durable(

@@ -53,8 +53,10 @@ use async_trait::async_trait;
 
 use crate::error::{Error, ErrorKind, Result};
 
+pub mod notice;
 pub mod rate;
 
+pub use notice::{ReleaseNotice, ReleaseNotices};
 pub use rate::{RateAlgorithm, RateMode, RateOutcome, RateRule, RateVerdict};
 
 pub use keel_engine::{TTL_MAX, Ttl, TtlPolicy, parse_i64};
@@ -165,6 +167,23 @@ pub trait Backend: Send + Sync + 'static {
         at_ms: Option<u64>,
     ) -> Result<RateOutcome> {
         rate::rate_limit_cas(self, rules, mode, at_ms).await
+    }
+
+    /// Tells the other processes (other handles) sharing this store that the hold on `key` was
+    /// just released, so their waiters can try again at once (see [`notice`]). Best effort:
+    /// an error means only that waiters elsewhere fall back to polling. The default does
+    /// nothing (a backend no other process can reach, or one without messaging).
+    async fn publish_release(&self, key: &[u8]) -> Result<()> {
+        let _ = key;
+        Ok(())
+    }
+
+    /// The release notices published through other handles of this store, or `None` if this
+    /// backend cannot carry them (the default): waiters then poll. The first call may start a
+    /// background subscription (a pub/sub connection, a `LISTEN` connection) that lives as
+    /// long as the backend.
+    fn release_notices(&self) -> Option<ReleaseNotices> {
+        None
     }
 
     /// Deletes every key starting with `prefix` (e.g. a cache namespace); returns how many
