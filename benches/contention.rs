@@ -4,7 +4,9 @@
 //!    reproduced in a Lua script (the usual way to get them without the module).
 //! 2. Lock acquire/release pairs per second, 64 callers contending on one name: waiters woken
 //!    when a lease is released in the process, against waiters left to their polling backoff
-//!    (10 ms doubling to 200 ms, jittered).
+//!    (10 ms doubling to 200 ms, jittered); on Redis and Valkey also with the callers spread
+//!    over 4 backend handles (as 4 processes would be), woken across handles by release
+//!    notices.
 //!
 //! `cargo bench --bench contention --all-features -- [--quick] [--secs S] [--dir PATH]
 //! [--only rate|lock]`
@@ -230,8 +232,10 @@ impl AsyncCaller for LockCaller {
     }
 }
 
+/// `callers` contending on one name, spread round-robin over `backends` (one handle: one
+/// process; several: as many processes, each with its own connections).
 async fn lock_cell(
-    backend: &Arc<dyn Backend>,
+    backends: &[Arc<dyn Backend>],
     wake: bool,
     callers: usize,
     name: &str,
@@ -240,10 +244,13 @@ async fn lock_cell(
     let options = LockOptions::default()
         .wait(Duration::from_secs(120))
         .wake_on_release(wake);
-    let lock = Lock::with_options(Arc::clone(backend), options);
+    let locks: Vec<Lock> = backends
+        .iter()
+        .map(|b| Lock::with_options(Arc::clone(b), options))
+        .collect();
     let all = (0..callers)
-        .map(|_| LockCaller {
-            lock: lock.clone(),
+        .map(|i| LockCaller {
+            lock: locks[i % locks.len()].clone(),
             name: name.to_owned(),
         })
         .collect();
@@ -443,20 +450,44 @@ async fn run(config: Config) -> Result<(), String> {
         }
     }
     let mut table = Table::new(
-        "Lock acquire/release pairs, 64 callers on one name: woken on release vs polling",
+        "Lock acquire/release pairs, 64 callers on one name: woken on release vs polling; \
+         x4: the callers spread over 4 handles, as 4 processes (woken by release notices)",
     );
     for (step_label, _, _, target, _) in targets.iter().filter(|_| part("lock")) {
         let opened = target.open(&config.scratch).await;
         let name = format!("hot-lock:{nonce:x}");
-        for (wake, suffix) in [(true, "woken"), (false, "polling")] {
-            let label = if *step_label == REFERENCE && wake {
+        // Three more handles where a second process could open the store (the servers).
+        let mut others = Vec::new();
+        // (Postgres is left out: four more connection pools next to the rest of a test run
+        // can pass the server's connection limit. tests/lock_wakeups.rs covers its notices.)
+        let server = matches!(target.kind, Ok(Kind::Redis(_) | Kind::Valkey(_)));
+        if server {
+            for _ in 0..3 {
+                others.push(target.open(&config.scratch).await);
+            }
+        }
+        let mut cells = vec![(true, "woken", 1), (false, "polling", 1)];
+        if !others.is_empty() {
+            cells.extend([(true, "woken x4", 4), (false, "polling x4", 4)]);
+        }
+        for (wake, suffix, handles) in cells {
+            let label = if *step_label == REFERENCE && wake && handles == 1 {
                 REFERENCE.to_owned()
             } else {
                 format!("{} {suffix}", target.label)
             };
-            let result = match &opened {
-                Ok(o) => lock_cell(&o.backend, wake, CALLERS[1], &name, &config.plan).await,
-                Err(why) => Err(why.clone()),
+            let backends: Result<Vec<Arc<dyn Backend>>, String> = std::iter::once(&opened)
+                .chain(others.iter())
+                .take(handles)
+                .map(|o| {
+                    o.as_ref()
+                        .map(|o| Arc::clone(&o.backend))
+                        .map_err(Clone::clone)
+                })
+                .collect();
+            let result = match backends {
+                Ok(b) => lock_cell(&b, wake, CALLERS[1], &name, &config.plan).await,
+                Err(why) => Err(why),
             };
             if let Err(why) = &result {
                 failed.push(format!("lock pairs: {label}: {why}"));

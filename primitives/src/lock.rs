@@ -350,9 +350,11 @@ impl Lock {
 
     /// Takes the lock `name` for `ttl`, retrying for up to [`LockOptions::wait`]: at once when
     /// a lease of it is released through this `Lock` (or a clone) in this process (a release,
-    /// a dropped lease or an abandoned acquisition hands the lock to one waiting task),
-    /// otherwise after a jittered exponential backoff (a holder in another process, or an
-    /// expiry, is seen at the next poll).
+    /// a dropped lease or an abandoned acquisition hands the lock to one waiting task), at once
+    /// when a holder in another process releases it on a backend that carries release notices
+    /// (Redis and Valkey pub/sub, Postgres `LISTEN`/`NOTIFY`: one waiter per process is
+    /// woken), otherwise after a jittered exponential backoff (an expiry, a lost notice, or a
+    /// backend without notices is seen at the next poll).
     ///
     /// # Errors
     /// [`LockError::Timeout`] if the lock was still held when the wait ran out; otherwise as
