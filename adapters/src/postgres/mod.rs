@@ -1929,6 +1929,51 @@ mod tests {
             raw(backend).await.batch_execute(&sql).await.unwrap();
         }
 
+        /// A schema from before the rate-limit function (dropped here): steps take the
+        /// compare-and-swap path with the same answers, and `ensure_schema` brings the
+        /// one-statement step back, continuing from the same state.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_missing_rate_limit_function_falls_back_until_ensure_schema() {
+            let b = backend(PostgresOptions {
+                table: table("ratefn"),
+                ..PostgresOptions::default()
+            })
+            .await;
+            let drop_fn = format!("DROP FUNCTION {}", b.shared.table.rate_step);
+            raw(&b).await.batch_execute(&drop_fn).await.unwrap();
+            let rule = |key: &'static [u8]| RateRule {
+                key,
+                algorithm: rate::RateAlgorithm::Gcra,
+                limit: 3,
+                period_ms: 3_600_000,
+                burst: 3,
+                cost: 1,
+            };
+            let mut admitted = Vec::new();
+            for _ in 0..2 {
+                let rules = [rule(b"k")];
+                let outcome = b.rate_limit(&rules, RateMode::Consume, None);
+                admitted.push(outcome.await.unwrap().admitted);
+            }
+            assert!(
+                b.shared.rate_step_missing.load(Ordering::Relaxed),
+                "the missing function was noticed"
+            );
+            b.ensure_schema().await.unwrap();
+            assert!(!b.shared.rate_step_missing.load(Ordering::Relaxed));
+            for _ in 0..3 {
+                let rules = [rule(b"k")];
+                let outcome = b.rate_limit(&rules, RateMode::Consume, None);
+                admitted.push(outcome.await.unwrap().admitted);
+            }
+            assert_eq!(
+                admitted,
+                [true, true, true, false, false],
+                "3 per hour across both paths, one state"
+            );
+            drop_table(&b).await;
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn sweeper_deletes_expired_rows_in_batches() {
             let options = PostgresOptions {

@@ -181,6 +181,42 @@ async fn valkey_cancelled_call_leaves_the_handle_usable() {
     cancelled_call_leaves_the_handle_usable(Kind::Valkey).await;
 }
 
+/// The rate-limit step survives a script cache flush (a restart, `SCRIPT FLUSH`): the
+/// `NOSCRIPT` reply reloads the script and the step continues from the same state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_step_reloads_its_script_after_a_flush() {
+    use keel_primitives::backend::{RateAlgorithm, RateMode, RateRule};
+    for kind in [Kind::Redis, Kind::Valkey] {
+        let server = Scratch::start(kind, &[]);
+        let b = RedisBackend::connect(&server.url()).await.unwrap();
+        let rules = [RateRule {
+            key: b"limited",
+            algorithm: RateAlgorithm::Gcra,
+            limit: 3,
+            period_ms: 3_600_000,
+            burst: 3,
+            cost: 1,
+        }];
+        let mut admitted = Vec::new();
+        for i in 0..5 {
+            let sha = super::RATE_LIMIT.get_hash();
+            if i == 2 {
+                assert_eq!(server.cli(&["SCRIPT", "EXISTS", sha]).unwrap().trim(), "1");
+                assert_eq!(server.cli(&["SCRIPT", "FLUSH"]).unwrap(), "OK");
+                assert_eq!(server.cli(&["SCRIPT", "EXISTS", sha]).unwrap().trim(), "0");
+            }
+            let outcome = b.rate_limit(&rules, RateMode::Consume, None).await;
+            admitted.push(outcome.unwrap().admitted);
+            assert_eq!(
+                server.cli(&["SCRIPT", "EXISTS", sha]).unwrap().trim(),
+                "1",
+                "{kind:?}: step {i} ran the native script"
+            );
+        }
+        assert_eq!(admitted, [true, true, true, false, false], "{kind:?}");
+    }
+}
+
 /// Fencing counters survive a crash: with the append-only file on and `appendfsync everysec`
 /// (where a plain `INCR` acknowledged in the last second is lost by a crash), `incr_durable`
 /// waits for the fsync (`WAITAOF`), so after `kill -9` and a restart the next token is higher.
