@@ -11,6 +11,7 @@ use super::failure::Failure;
 
 /// What `keel demo` was asked to do.
 #[derive(Debug)]
+#[cfg_attr(not(feature = "demo"), allow(dead_code))]
 pub struct DemoOptions {
     /// The port on 127.0.0.1 (0: any free port). Ignored by the tour, which always takes a free
     /// one.

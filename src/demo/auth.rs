@@ -86,7 +86,7 @@ fn not_signed_in() -> Problem {
 }
 
 /// Checks and normalises an e-mail address (lower case, trimmed).
-fn email(raw: &str) -> Result<String, Problem> {
+fn email(raw: &str) -> Result<String, Box<Problem>> {
     let email = raw.trim().to_lowercase();
     let valid = email.len() <= EMAIL_BYTES_MAX
         && email.split_once('@').is_some_and(|(local, domain)| {
@@ -100,11 +100,11 @@ fn email(raw: &str) -> Result<String, Problem> {
     if valid {
         Ok(email)
     } else {
-        Err(Problem::new(
+        Err(Box::new(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_email",
             format!("{raw:?} is not an e-mail address"),
-        ))
+        )))
     }
 }
 
@@ -117,7 +117,7 @@ fn retry_after(problem: Problem, after: std::time::Duration) -> Problem {
 
 /// Issues a code for `raw_email` and "mails" it; returns the address and the code's lifetime.
 async fn send_code(app: &App, raw_email: &str) -> Result<(String, u64), Problem> {
-    let email = email(raw_email)?;
+    let email = email(raw_email).map_err(|p| *p)?;
     match app.otp.issue(&email, PURPOSE).await {
         Ok(issued) => {
             let ttl = issued.ttl().as_secs();
@@ -159,7 +159,7 @@ async fn sign_in(
     raw_email: &str,
     code: &str,
 ) -> Result<SignedIn, Problem> {
-    let email = email(raw_email)?;
+    let email = email(raw_email).map_err(|p| *p)?;
     let verification = match app.otp.verify(&email, PURPOSE, code.trim()).await {
         Ok(v) => v,
         Err(OtpError::Invalid { reason, .. }) => {

@@ -152,8 +152,12 @@ async fn service(options: Options, backend: Arc<dyn Backend>, console: Console) 
         return outcome;
     }
 
+    // Listening before the banner says the service is up: a signal sent as soon as it is
+    // printed must start a graceful shutdown, not find the default handler (which would kill
+    // the process without closing the store).
+    let signals = Signals::listen()?;
     banner(&console, addr, &label);
-    tokio::spawn(stop_on_signal(console.clone(), stop));
+    tokio::spawn(stop_on_signal(signals, console.clone(), stop));
     finish(server.await)?;
     console.line("keel demo: stopped serving; closing the store");
     Ok(())
@@ -193,41 +197,59 @@ fn banner(console: &Console, addr: SocketAddr, label: &str) {
     console.line("  Ctrl-C stops it.");
 }
 
-/// The first Ctrl-C (or SIGTERM) starts a graceful shutdown; a second Ctrl-C exits at once.
-async fn stop_on_signal(console: Console, stop: watch::Sender<bool>) {
+/// The signals that stop the service, registered once.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        // Both streams are registered before the first signal can arrive, so a second Ctrl-C
-        // right after the first is never lost.
-        let (Ok(mut interrupt), Ok(mut terminate)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            console.line("keel demo: cannot listen for signals; stop it with SIGKILL");
-            return;
-        };
-        tokio::select! {
-            _ = interrupt.recv() => {}
-            _ = terminate.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Starts listening for Ctrl-C (SIGINT) and SIGTERM.
+    fn listen() -> Result<Signals, Failure> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let failed =
+                |e: std::io::Error| Failure::Error(format!("cannot listen for signals: {e}"));
+            Ok(Signals {
+                interrupt: signal(SignalKind::interrupt()).map_err(failed)?,
+                terminate: signal(SignalKind::terminate()).map_err(failed)?,
+            })
         }
-        console.line(
-            "keel demo: shutting down: finishing the requests in flight (Ctrl-C again to stop now)",
-        );
-        let _ = stop.send(true);
-        interrupt.recv().await;
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    {
-        if tokio::signal::ctrl_c().await.is_err() {
-            return;
+
+    /// The first Ctrl-C or SIGTERM.
+    async fn first(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
-        console.line(
-            "keel demo: shutting down: finishing the requests in flight (Ctrl-C again to stop now)",
-        );
-        let _ = stop.send(true);
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
+
+    /// The next Ctrl-C.
+    async fn interrupt(&mut self) {
+        #[cfg(unix)]
+        self.interrupt.recv().await;
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The first Ctrl-C (or SIGTERM) starts a graceful shutdown; a second Ctrl-C exits at once.
+async fn stop_on_signal(mut signals: Signals, console: Console, stop: watch::Sender<bool>) {
+    signals.first().await;
+    console.line(
+        "keel demo: shutting down: finishing the requests in flight (Ctrl-C again to stop now)",
+    );
+    let _ = stop.send(true);
+    signals.interrupt().await;
     // Standard output belongs to the command's thread; this last word goes to standard error.
     eprintln!("keel demo: second Ctrl-C: exiting without waiting");
     std::process::exit(FORCED_EXIT);

@@ -479,7 +479,7 @@ pub struct JobQuery {
     hold_ms: u64,
 }
 
-fn job_name(name: &str) -> Result<(), Problem> {
+fn job_name(name: &str) -> Result<(), Box<Problem>> {
     let valid = !name.is_empty()
         && name.len() <= ID_BYTES_MAX
         && name
@@ -488,11 +488,11 @@ fn job_name(name: &str) -> Result<(), Problem> {
     if valid {
         Ok(())
     } else {
-        Err(Problem::new(
+        Err(Box::new(Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_job_name",
             format!("a job name is 1 to {ID_BYTES_MAX} ASCII letters, digits, '-' or '_'"),
-        ))
+        )))
     }
 }
 
@@ -506,7 +506,7 @@ pub async fn run_job(
     Query(q): Query<JobQuery>,
 ) -> Response {
     if let Err(p) = job_name(&name) {
-        return problem(p);
+        return problem(*p);
     }
     let hold = Duration::from_millis(q.hold_ms);
     if hold > JOB_HOLD_MAX {
@@ -561,7 +561,7 @@ pub async fn run_job(
 /// highest fencing token its output has accepted.
 pub async fn job_status(State(app): State<App>, Path(name): Path<String>) -> Response {
     if let Err(p) = job_name(&name) {
-        return problem(p);
+        return problem(*p);
     }
     // The lock's key, as the lock module documents it: `lock:{name}`, braces included.
     let mut key = LOCK_KEY_PREFIX.to_vec();
