@@ -336,6 +336,52 @@ fn sigterm_stops_it_gracefully_too() {
 }
 
 #[test]
+fn a_restart_on_the_same_store_keeps_sessions_and_idempotency_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = runtime();
+    let http = client(true);
+    let mut first = Service::start(dir.path());
+    let session = rt.block_on(sign_in(&mut first, &http, "dana@example.com"));
+    let order = rt
+        .block_on(
+            http.post(format!("{}/orders", first.base))
+                .header("idempotency-key", "restart-1")
+                .json(&json!({"item": "espresso", "qty": 1}))
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(order.status(), 201);
+    first.signal("INT");
+    assert!(first.exit().success(), "{}", first.output());
+
+    // A new process on the same directory (and a new port: the cookie is host-only, and
+    // 127.0.0.1 is the same host).
+    let second = Service::start(dir.path());
+    let me: Value = rt
+        .block_on(async {
+            http.get(format!("{}/api/me", second.base))
+                .send()
+                .await?
+                .json()
+                .await
+        })
+        .unwrap();
+    assert_eq!(me["session"], session.as_str(), "{me}");
+    let replay = rt
+        .block_on(
+            http.post(format!("{}/orders", second.base))
+                .header("idempotency-key", "restart-1")
+                .json(&json!({"item": "espresso", "qty": 1}))
+                .send(),
+        )
+        .unwrap();
+    assert_eq!(
+        replay.headers().get("idempotency-replayed").unwrap(),
+        "true"
+    );
+}
+
+#[test]
 fn bad_options_and_unusable_stores_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = keel().args(["demo", "--port", "70000"]).output().unwrap();
