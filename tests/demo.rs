@@ -228,6 +228,53 @@ fn the_tour_checks_every_feature_and_exits_0() {
     assert!(db.get("flags:doc:welcome-v2").is_some());
 }
 
+/// The tour on a network backend named by `var` (set by `scripts/test`; unset is a failure
+/// with instructions, never a skip).
+#[cfg(all(feature = "redis", feature = "postgres"))]
+fn tour_on(var: &str) {
+    let url = match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set, so the demo cannot be toured on that backend. Run `scripts/test`, \
+             which starts the servers and sets it, or set it yourself."
+        ),
+    };
+    // The login routes' per-IP quotas live in the store, and every run of this test comes
+    // from 127.0.0.1: forget what earlier runs used, so the test can run any number of times.
+    runtime().block_on(async {
+        let backend = keel::connect(&url)
+            .await
+            .expect("connecting to the backend");
+        backend
+            .delete_prefix(b"rl:login-")
+            .await
+            .expect("resetting the login quotas");
+    });
+    let run = keel()
+        .args(["demo", "--tour", "--url", &url])
+        .output()
+        .expect("running keel demo --tour");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains("tour: all "), "{out}");
+}
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+#[test]
+fn the_tour_passes_on_redis() {
+    tour_on("KEEL_TEST_REDIS_URL");
+}
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+#[test]
+fn the_tour_passes_on_postgres() {
+    tour_on("KEEL_TEST_POSTGRES_URL");
+}
+
 #[test]
 fn the_tour_without_a_store_uses_a_temporary_one_and_deletes_it() {
     let child = keel()
