@@ -231,23 +231,28 @@ async fn revoke_own(app: &App, user: &str, target: &SessionId) -> Result<bool, P
 // ---- HTML ---------------------------------------------------------------------------------
 
 /// `GET /`: the sign-in form, or the home page with the user's devices.
-pub async fn home(State(app): State<App>, session: Session) -> Response {
+pub async fn home(State(app): State<App>, session: Session, headers: HeaderMap) -> Response {
+    let host = pages::host(&headers);
     let me = match signed_in(&app, &session).await {
         Ok(Some(me)) => me,
-        Ok(None) => return pages::sign_in(None).into_response(),
+        Ok(None) => return pages::sign_in(None, &host).into_response(),
         Err(p) => return problem(p),
     };
     match app.users.list_active(&me.user, None, DEVICES_SHOWN).await {
-        Ok(page) => pages::home(&me, &page.sessions).into_response(),
+        Ok(page) => pages::home(&me, &page.sessions, &host).into_response(),
         Err(e) => problem(store_problem(e)),
     }
 }
 
 /// `POST /login` (form): sends a code, then shows the code form.
-pub async fn start_form(State(app): State<App>, Form(fields): Form<LoginFields>) -> Response {
+pub async fn start_form(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Form(fields): Form<LoginFields>,
+) -> Response {
     match send_code(&app, &fields.email).await {
         Ok((email, ttl)) => pages::enter_code(&email, ttl, None).into_response(),
-        Err(p) => page_error(pages::sign_in(Some(p.detail())), &p),
+        Err(p) => page_error(pages::sign_in(Some(p.detail()), &pages::host(&headers)), &p),
     }
 }
 

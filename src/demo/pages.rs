@@ -14,6 +14,7 @@ h1 { font-size: 1.5rem } table { border-collapse: collapse; width: 100% }
 td, th { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid #ddd }
 .current { font-weight: bold } .error { color: #a00 } form.inline { display: inline }
 nav a { margin-right: 1rem } code { background: #f4f4f4; padding: 0 .2rem }
+pre { overflow-x: auto; background: #f8f8f8; padding: .5rem }
 .v2 { background: #eef6ff; border: 2px solid #3a7bd5; padding: 1rem; border-radius: .5rem }
 ";
 
@@ -44,7 +45,7 @@ fn layout(title: &str, body: Markup) -> Markup {
 }
 
 /// The sign-in form, with an error from the last attempt.
-pub fn sign_in(error: Option<&str>) -> Markup {
+pub fn sign_in(error: Option<&str>, host: &str) -> Markup {
     layout(
         "Sign in",
         html! {
@@ -55,7 +56,7 @@ pub fn sign_in(error: Option<&str>) -> Markup {
                 " "
                 button #send type="submit" { "Send me a code" }
             }
-            (try_it())
+            (try_it(host))
         },
     )
 }
@@ -81,7 +82,7 @@ pub fn enter_code(email: &str, ttl_s: u64, error: Option<&str>) -> Markup {
 }
 
 /// The signed-in home page: the user's devices, newest first, each with a revoke button.
-pub fn home(me: &SignedIn, devices: &[UserSession]) -> Markup {
+pub fn home(me: &SignedIn, devices: &[UserSession], host: &str) -> Markup {
     layout(
         "Your devices",
         html! {
@@ -114,7 +115,7 @@ pub fn home(me: &SignedIn, devices: &[UserSession]) -> Markup {
                     button #logout type="submit" { "Sign out" }
                 }
             }
-            (try_it())
+            (try_it(host))
         },
     )
 }
@@ -144,19 +145,42 @@ pub fn welcome(v: &Variant) -> Markup {
     )
 }
 
-/// The curl lines for the JSON features.
-fn try_it() -> Markup {
+/// The curl lines for the JSON features, for the host the page was asked from.
+fn try_it(host: &str) -> Markup {
+    let lines = [
+        format!("curl -i {host}/catalog"),
+        format!(
+            "curl -i -X POST {host}/orders -H 'Idempotency-Key: order-1' \\\n     \
+             -H 'Content-Type: application/json' -d '{{\"item\":\"espresso\",\"qty\":2}}'"
+        ),
+        format!(
+            "curl -i -X POST {host}/webhooks/payments -H 'Content-Type: application/json' \\\n     \
+             -d '{{\"id\":\"evt_1\",\"type\":\"payment.succeeded\",\"amount_cents\":500}}'"
+        ),
+        format!("curl -i '{host}/upstream?fail=true'"),
+        format!("curl -i -X POST '{host}/jobs/report?hold_ms=2000'"),
+        format!("curl {host}/metrics"),
+    ];
     html! {
         h2 { "Try the rest with curl" }
-        pre {
-            "curl -i localhost:3000/catalog\n"
-            "curl -i -X POST localhost:3000/orders -H 'Idempotency-Key: order-1' \\\n     -H 'Content-Type: application/json' -d '{\"item\":\"espresso\",\"qty\":2}'\n"
-            "curl -i -X POST localhost:3000/webhooks/payments -H 'Content-Type: application/json' \\\n     -d '{\"id\":\"evt_1\",\"type\":\"payment.succeeded\",\"amount_cents\":500}'\n"
-            "curl -i 'localhost:3000/upstream?fail=true'\n"
-            "curl -i -X POST 'localhost:3000/jobs/report?hold_ms=2000'\n"
-            "curl localhost:3000/metrics\n"
-        }
+        pre { @for line in &lines { (line) "\n" } }
     }
+}
+
+/// The `Host` the request named, if it looks like one (letters, digits, `.`, `-`, `:`, `[`,
+/// `]`), else the default address.
+pub fn host(headers: &http::HeaderMap) -> String {
+    headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| {
+            !h.is_empty()
+                && h.len() <= 255
+                && h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        })
+        .unwrap_or("127.0.0.1:3000")
+        .to_owned()
 }
 
 /// A Unix-ms time as "N s ago" / "N min ago" (the server's clock).
