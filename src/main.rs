@@ -1,5 +1,5 @@
 //! The `keel` command-line tool: inspect and change a keel store on local disk, check its
-//! files, move its data in and out as JSON lines, and take a guided tour (`keel demo`).
+//! files, move its data in and out as JSON lines, and run the demo web service (`keel demo`).
 //!
 //! This file owns the argument grammar (every command and option is documented here, which is
 //! also what `keel help` prints) and the exit-code policy; the commands themselves live in
@@ -7,6 +7,8 @@
 //! the bytes of the argument), so non-UTF-8 keys can be used too.
 
 mod cli;
+#[cfg(feature = "demo")]
+mod demo;
 
 use std::ffi::OsString;
 use std::io::{self, BufWriter, Write};
@@ -160,9 +162,32 @@ enum Command {
     /// writes them).
     #[command(subcommand)]
     Flags(FlagsCommand),
-    /// A narrated tour of the engine on the store directory, using only keys under `demo:`
-    /// (which it resets first, so it can be run again).
-    Demo,
+    /// Serve the demo web app: passwordless sign-in, devices, orders, a cached catalog,
+    /// webhooks, a feature flag, a circuit breaker, a job lock and metrics, all kept in one
+    /// keel store (the --db directory unless --url names another backend).
+    ///
+    /// Serves on 127.0.0.1 until Ctrl-C (or SIGTERM): requests in flight finish, then the store
+    /// is closed; a second Ctrl-C exits at once. Sign-in codes are printed instead of mailed.
+    /// With --tour it serves on a free port instead, drives every feature with an HTTP client,
+    /// checks each answer and exits (0 if every check passed).
+    Demo(DemoArgs),
+}
+
+/// `keel demo` options.
+#[derive(Debug, clap::Args)]
+struct DemoArgs {
+    /// The port to serve on, on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 3000)]
+    port: u16,
+    /// Keep the state in this backend instead of the --db directory (a path, memory://, or a
+    /// network URL if keel was built with its feature: redis://, valkey://, postgres://).
+    #[arg(long, value_name = "URL")]
+    url: Option<String>,
+    /// Start on a free port, walk through every feature with an HTTP client, print each
+    /// request and answer, check them, and exit. Uses a fresh temporary store unless --url
+    /// names one.
+    #[arg(long)]
+    tour: bool,
 }
 
 /// `keel flags` subcommands.
@@ -256,7 +281,15 @@ fn run(command: Command, dir: &std::path::Path, out: &mut dyn Write) -> CmdResul
         Command::Compact => commands::compact(dir, out),
         Command::Dump => commands::dump(dir, out),
         Command::Load { file } => commands::load(dir, &file, out),
-        Command::Demo => cli::demo::run(dir, out),
+        Command::Demo(args) => cli::demo::run(
+            cli::demo::DemoOptions {
+                port: args.port,
+                url: args.url,
+                tour: args.tour,
+            },
+            dir,
+            out,
+        ),
         Command::Flags(flags) => match flags {
             FlagsCommand::List => cli::flags::list(dir, out),
             FlagsCommand::Get { name } => cli::flags::get(dir, &name, out),

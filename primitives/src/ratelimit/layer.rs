@@ -40,6 +40,9 @@
 //!   reported decision (the tightest policy), unless turned off with
 //!   [`RateLimitLayerBuilder::legacy_headers`].
 //! - `Retry-After` (seconds, rounded up: never earlier than the decision) on 429.
+//! - Nested layers (one per client IP around one per account, say) each add theirs: the
+//!   `RateLimit` and `RateLimit-Policy` lists name every policy of both, and the legacy
+//!   headers are those of the decision with less remaining.
 //!
 //! # When the backend fails
 //! [`OnBackendError::FailOpen`] (the default) admits the request, logs a warning and adds no
@@ -419,7 +422,7 @@ where
             let response = inner.call(Request::from_parts(parts, body)).await?;
             let mut response = response.map(LayerBody::inner);
             if let Some(headers) = headers {
-                response.headers_mut().extend(headers);
+                merge_headers(response.headers_mut(), headers);
             }
             Ok(response)
         }
@@ -567,6 +570,30 @@ fn headers(sd: &StackDecision, legacy: bool) -> HeaderMap {
     h
 }
 
+/// Adds this layer's headers to a response that another rate-limit layer inside this one may
+/// have decided on too (e.g. one per client IP around one per account): `RateLimit` and
+/// `RateLimit-Policy` are structured-field lists, so this layer's policies are appended to
+/// the inner layer's; the legacy `X-RateLimit-*` headers describe a single decision, so the
+/// one with less remaining is kept.
+fn merge_headers(response: &mut HeaderMap, ours: HeaderMap) {
+    let remaining = |h: &HeaderMap| {
+        h.get(&X_RATELIMIT_REMAINING)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let keep_theirs = match (remaining(response), remaining(&ours)) {
+        (Some(theirs), Some(mine)) => theirs <= mine,
+        _ => false,
+    };
+    for (name, value) in &ours {
+        if *name == RATELIMIT || *name == RATELIMIT_POLICY {
+            response.append(name.clone(), value.clone());
+        } else if !keep_theirs || !response.contains_key(name) {
+            response.insert(name.clone(), value.clone());
+        }
+    }
+}
+
 /// A structured-field integer; quotas and seconds are far below its 10^15 bound (limits are
 /// at most 2^40, periods at most 5 years), so the clamp never bites.
 fn sf_int(v: u64) -> sfv::Integer {
@@ -620,6 +647,50 @@ mod tests {
         assert_eq!(h[&X_RATELIMIT_REMAINING], "9");
         assert_eq!(h[&X_RATELIMIT_RESET], "1");
         assert!(!headers(&sd, false).contains_key(&X_RATELIMIT_LIMIT));
+    }
+
+    #[test]
+    fn nested_layers_list_both_policies_and_keep_the_tighter_legacy_headers() {
+        let outer = StackDecision {
+            decision: d(true, 60, 50, 1000, 60_000),
+            policies: vec![PolicyDecision {
+                name: "per-ip".into(),
+                decision: d(true, 60, 50, 1000, 60_000),
+            }],
+        };
+        let inner = StackDecision {
+            decision: d(false, 10, 0, 60_000, 600_000),
+            policies: vec![PolicyDecision {
+                name: "per-account".into(),
+                decision: d(false, 10, 0, 60_000, 600_000),
+            }],
+        };
+        let mut response = headers(&inner, true);
+        merge_headers(&mut response, headers(&outer, true));
+        let all = |name: &HeaderName| {
+            response
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        assert_eq!(
+            all(&RATELIMIT),
+            r#""per-account";r=0;t=60, "per-ip";r=50;t=1"#
+        );
+        assert_eq!(
+            all(&RATELIMIT_POLICY),
+            r#""per-account";q=10;w=600, "per-ip";q=60;w=60"#
+        );
+        assert_eq!(response[&X_RATELIMIT_REMAINING], "0");
+        assert_eq!(response[&X_RATELIMIT_LIMIT], "10");
+
+        // The other way round: the outer layer is the tighter one.
+        let mut response = headers(&outer, true);
+        merge_headers(&mut response, headers(&inner, true));
+        assert_eq!(response[&X_RATELIMIT_REMAINING], "0");
+        assert_eq!(response[&X_RATELIMIT_LIMIT], "10");
     }
 
     #[test]
