@@ -43,7 +43,11 @@ pub(super) fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge};
     describe_gauge!(ENGINE_KEYS, "Entries in the engine's memory");
     describe_gauge!(ENGINE_MEMORY_BYTES, Unit::Bytes, "Accounted engine memory");
-    describe_gauge!(ENGINE_MEMORY_LIMIT_BYTES, Unit::Bytes, "Configured memory limit");
+    describe_gauge!(
+        ENGINE_MEMORY_LIMIT_BYTES,
+        Unit::Bytes,
+        "Configured memory limit"
+    );
     describe_gauge!(ENGINE_WAL_BYTES, Unit::Bytes, "Bytes in WAL segments");
     describe_gauge!(ENGINE_WAL_SEGMENTS, "WAL segments on disk");
     describe_counter!(ENGINE_WAL_FSYNCS_TOTAL, "WAL fdatasync calls since open");
@@ -52,14 +56,21 @@ pub(super) fn describe() {
         ENGINE_EXPIRED_RECLAIMED_TOTAL,
         "Keys reclaimed by the active expirer since open"
     );
-    describe_counter!(ENGINE_EVICTIONS_TOTAL, "Keys evicted under the memory limit");
+    describe_counter!(
+        ENGINE_EVICTIONS_TOTAL,
+        "Keys evicted under the memory limit"
+    );
     describe_counter!(ENGINE_SNAPSHOTS_TOTAL, "Snapshots taken since open");
     describe_gauge!(
         ENGINE_LAST_SNAPSHOT_SECONDS,
         Unit::Seconds,
         "Duration of the most recent snapshot"
     );
-    describe_gauge!(ENGINE_RECOVERY_SECONDS, Unit::Seconds, "Duration of recovery at open");
+    describe_gauge!(
+        ENGINE_RECOVERY_SECONDS,
+        Unit::Seconds,
+        "Duration of recovery at open"
+    );
     describe_gauge!(ENGINE_POISONED, "1 if an I/O failure poisoned the store");
 }
 

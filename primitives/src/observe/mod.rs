@@ -114,7 +114,10 @@ pub fn describe_metrics() {
         Unit::Seconds,
         "Backend contract operation latency"
     );
-    describe_counter!(BACKEND_ERRORS_TOTAL, "Failed backend operations by error kind");
+    describe_counter!(
+        BACKEND_ERRORS_TOTAL,
+        "Failed backend operations by error kind"
+    );
     describe_counter!(RATELIMIT_DECISIONS_TOTAL, "Rate-limit decisions");
     describe_counter!(CACHE_REQUESTS_TOTAL, "Cache lookups by outcome");
     describe_counter!(
@@ -122,7 +125,10 @@ pub fn describe_metrics() {
         "Cache misses served by another caller's computation"
     );
     describe_counter!(BREAKER_TRANSITIONS_TOTAL, "Circuit-breaker state changes");
-    describe_counter!(IDEMPOTENCY_REQUESTS_TOTAL, "Idempotency-key claims by outcome");
+    describe_counter!(
+        IDEMPOTENCY_REQUESTS_TOTAL,
+        "Idempotency-key claims by outcome"
+    );
     describe_counter!(SESSION_LOADS_TOTAL, "Session records loaded by outcome");
     describe_counter!(SESSION_SAVES_TOTAL, "Session saves by outcome");
     describe_counter!(LOCK_ACQUISITIONS_TOTAL, "Lock acquisitions by outcome");
@@ -196,15 +202,27 @@ impl<B: Backend + ?Sized> Observed<B> {
         result
     }
 
-    fn record(&self, op: &'static str, span: &tracing::Span, elapsed: Duration, err: Option<ErrorKind>) {
+    fn record(
+        &self,
+        op: &'static str,
+        span: &tracing::Span,
+        elapsed: Duration,
+        err: Option<ErrorKind>,
+    ) {
         let outcome = err.map_or("ok", ErrorKind::as_str);
         if !span.is_disabled() {
             let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
             span.record("outcome", outcome);
             span.record("elapsed_us", elapsed_us);
+            // The span carries the fields; the event marks the end for subscribers that print
+            // events only.
             match err {
-                None => tracing::trace!(target: "keel::backend", parent: span, outcome, elapsed_us, "backend operation done"),
-                Some(_) => tracing::debug!(target: "keel::backend", parent: span, outcome, elapsed_us, "backend operation failed"),
+                None => {
+                    tracing::trace!(target: "keel::backend", parent: span, "backend operation done")
+                }
+                Some(_) => {
+                    tracing::debug!(target: "keel::backend", parent: span, "backend operation failed")
+                }
             }
         }
         let backend = self.label.clone();
@@ -289,11 +307,16 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
         .await
     }
     async fn delete(&self, key: &[u8]) -> Result<bool> {
-        self.observe("delete", Some(key), self.inner.delete(key)).await
+        self.observe("delete", Some(key), self.inner.delete(key))
+            .await
     }
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
-        self.observe("incr", Some(key), self.inner.incr(key, delta, ttl_on_create))
-            .await
+        self.observe(
+            "incr",
+            Some(key),
+            self.inner.incr(key, delta, ttl_on_create),
+        )
+        .await
     }
     async fn incr_durable(
         &self,
@@ -343,8 +366,12 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
             .await
     }
     async fn delete_prefix(&self, prefix: &[u8]) -> Result<u64> {
-        self.observe("delete_prefix", Some(prefix), self.inner.delete_prefix(prefix))
-            .await
+        self.observe(
+            "delete_prefix",
+            Some(prefix),
+            self.inner.delete_prefix(prefix),
+        )
+        .await
     }
 }
 
