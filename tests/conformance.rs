@@ -1,5 +1,5 @@
 //! The conformance suite on every backend (and on the memory backend behind the `Observed`
-//! wrapper, column `memory-observed`). One test per backend, so the runner's output is a
+//! wrapper, column `observed`). One test per backend, so the runner's output is a
 //! backend-by-backend list; each also writes its per-case table to
 //! `target/conformance/<backend>.txt`, which the test script prints as a matrix.
 //!
@@ -50,7 +50,7 @@ async fn conformance_memory() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_memory_observed() {
     let backend = keel_primitives::Observed::new(Arc::new(Embedded::memory()));
-    check(Arc::new(backend), "memory-observed").await;
+    check(Arc::new(backend), "observed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
