@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use metrics::{SharedString, counter, histogram};
+use metrics::{Key, Label, Metadata, SharedString, counter};
 use tracing::Instrument;
 use tracing::field::Empty;
 
@@ -103,6 +103,25 @@ pub const OPS: &[&str] = &[
     "delete_prefix",
 ];
 
+// Indexes into `OPS`, one per operation.
+const GET: usize = 0;
+const GET_WITH_TTL: usize = 1;
+const SET: usize = 2;
+const SET_NX: usize = 3;
+const COMPARE_AND_SWAP: usize = 4;
+const COMPARE_AND_DELETE: usize = 5;
+const DELETE: usize = 6;
+const INCR: usize = 7;
+const INCR_DURABLE: usize = 8;
+const EXPIRE: usize = 9;
+const PERSIST: usize = 10;
+const TTL: usize = 11;
+const SCAN: usize = 12;
+const NOW_MS: usize = 13;
+const RATE_LIMIT: usize = 14;
+const DELETE_PREFIX: usize = 15;
+const _: () = assert!(OPS.len() == DELETE_PREFIX + 1);
+
 /// Registers a description (and unit) for every metric keel reports with the installed
 /// recorder, so an exporter can print `# HELP` lines. Call it once after installing the
 /// recorder; without one it does nothing.
@@ -148,20 +167,64 @@ pub fn describe_metrics() {
 pub struct Observed<B: ?Sized = dyn Backend> {
     inner: Arc<B>,
     label: SharedString,
+    /// The metric keys of every operation, built once: an operation then costs the recorder
+    /// a lookup, not a key to build and hash (and with no recorder, nothing).
+    keys: Arc<[OpKeys]>,
 }
+
+/// The keys one operation reports under.
+struct OpKeys {
+    ok: Key,
+    error: Key,
+    seconds: Key,
+}
+
+impl OpKeys {
+    fn all(label: &SharedString) -> Arc<[OpKeys]> {
+        let backend = || Label::new("backend", label.clone());
+        OPS.iter()
+            .map(|&op| {
+                let ops = |outcome| {
+                    Key::from_parts(
+                        BACKEND_OPS_TOTAL,
+                        vec![
+                            backend(),
+                            Label::new("op", op),
+                            Label::new("outcome", outcome),
+                        ],
+                    )
+                };
+                OpKeys {
+                    ok: ops("ok"),
+                    error: ops("error"),
+                    seconds: Key::from_parts(
+                        BACKEND_OP_SECONDS,
+                        vec![backend(), Label::new("op", op)],
+                    ),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Where the wrapper's metrics come from, for recorders that filter on it.
+static METADATA: Metadata<'static> =
+    Metadata::new("keel::backend", metrics::Level::INFO, Some(module_path!()));
 
 impl<B: Backend + ?Sized> Observed<B> {
     /// Wraps `inner`; its metrics carry `backend = inner.name()`.
     pub fn new(inner: Arc<B>) -> Self {
         let label = SharedString::from(Arc::<str>::from(inner.name()));
-        Observed { inner, label }
+        let keys = OpKeys::all(&label);
+        Observed { inner, label, keys }
     }
 
     /// Wraps `inner`; its metrics and spans carry `backend = label` (to tell apart two
     /// backends of one kind, e.g. `"sessions"` and `"cache"` on two Redis servers).
     pub fn with_label(inner: Arc<B>, label: impl Into<String>) -> Self {
         let label = SharedString::from(Arc::<str>::from(label.into()));
-        Observed { inner, label }
+        let keys = OpKeys::all(&label);
+        Observed { inner, label, keys }
     }
 
     /// The wrapped backend.
@@ -177,7 +240,7 @@ impl<B: Backend + ?Sized> Observed<B> {
     /// Runs one operation inside its span and records its outcome.
     async fn observe<T>(
         &self,
-        op: &'static str,
+        op: usize,
         key: Option<&[u8]>,
         call: impl Future<Output = Result<T>> + Send,
     ) -> Result<T> {
@@ -185,7 +248,7 @@ impl<B: Backend + ?Sized> Observed<B> {
             target: "keel::backend",
             "keel.backend",
             backend = &*self.label,
-            op,
+            op = OPS[op],
             key = Empty,
             outcome = Empty,
             elapsed_us = Empty,
@@ -202,13 +265,7 @@ impl<B: Backend + ?Sized> Observed<B> {
         result
     }
 
-    fn record(
-        &self,
-        op: &'static str,
-        span: &tracing::Span,
-        elapsed: Duration,
-        err: Option<ErrorKind>,
-    ) {
+    fn record(&self, op: usize, span: &tracing::Span, elapsed: Duration, err: Option<ErrorKind>) {
         let outcome = err.map_or("ok", ErrorKind::as_str);
         if !span.is_disabled() {
             let elapsed_us = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
@@ -225,25 +282,25 @@ impl<B: Backend + ?Sized> Observed<B> {
                 }
             }
         }
-        let backend = self.label.clone();
-        counter!(
-            BACKEND_OPS_TOTAL,
-            "backend" => backend.clone(),
-            "op" => op,
-            "outcome" => if err.is_none() { "ok" } else { "error" },
-        )
-        .increment(1);
-        histogram!(BACKEND_OP_SECONDS, "backend" => backend.clone(), "op" => op)
-            .record(elapsed.as_secs_f64());
-        if let Some(kind) = err {
-            counter!(
-                BACKEND_ERRORS_TOTAL,
-                "backend" => backend,
-                "op" => op,
-                "kind" => kind.as_str(),
-            )
-            .increment(1);
-        }
+        let keys = &self.keys[op];
+        metrics::with_recorder(|recorder| {
+            let ops = if err.is_none() { &keys.ok } else { &keys.error };
+            recorder.register_counter(ops, &METADATA).increment(1);
+            recorder
+                .register_histogram(&keys.seconds, &METADATA)
+                .record(elapsed.as_secs_f64());
+            if let Some(kind) = err {
+                let errors = Key::from_parts(
+                    BACKEND_ERRORS_TOTAL,
+                    vec![
+                        Label::new("backend", self.label.clone()),
+                        Label::new("op", OPS[op]),
+                        Label::new("kind", kind.as_str()),
+                    ],
+                );
+                recorder.register_counter(&errors, &METADATA).increment(1);
+            }
+        });
     }
 }
 
@@ -252,6 +309,7 @@ impl<B: ?Sized> Clone for Observed<B> {
         Observed {
             inner: Arc::clone(&self.inner),
             label: self.label.clone(),
+            keys: Arc::clone(&self.keys),
         }
     }
 }
@@ -270,18 +328,18 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
         self.inner.name()
     }
     async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        self.observe("get", Some(key), self.inner.get(key)).await
+        self.observe(GET, Some(key), self.inner.get(key)).await
     }
     async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
-        self.observe("get_with_ttl", Some(key), self.inner.get_with_ttl(key))
+        self.observe(GET_WITH_TTL, Some(key), self.inner.get_with_ttl(key))
             .await
     }
     async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<()> {
-        self.observe("set", Some(key), self.inner.set(key, value, ttl))
+        self.observe(SET, Some(key), self.inner.set(key, value, ttl))
             .await
     }
     async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<bool> {
-        self.observe("set_nx", Some(key), self.inner.set_nx(key, value, ttl))
+        self.observe(SET_NX, Some(key), self.inner.set_nx(key, value, ttl))
             .await
     }
     async fn compare_and_swap(
@@ -292,7 +350,7 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
         ttl: TtlPolicy,
     ) -> Result<bool> {
         self.observe(
-            "compare_and_swap",
+            COMPARE_AND_SWAP,
             Some(key),
             self.inner.compare_and_swap(key, expected, new, ttl),
         )
@@ -300,23 +358,19 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
     }
     async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> Result<bool> {
         self.observe(
-            "compare_and_delete",
+            COMPARE_AND_DELETE,
             Some(key),
             self.inner.compare_and_delete(key, expected),
         )
         .await
     }
     async fn delete(&self, key: &[u8]) -> Result<bool> {
-        self.observe("delete", Some(key), self.inner.delete(key))
+        self.observe(DELETE, Some(key), self.inner.delete(key))
             .await
     }
     async fn incr(&self, key: &[u8], delta: i64, ttl_on_create: Option<Duration>) -> Result<i64> {
-        self.observe(
-            "incr",
-            Some(key),
-            self.inner.incr(key, delta, ttl_on_create),
-        )
-        .await
+        self.observe(INCR, Some(key), self.inner.incr(key, delta, ttl_on_create))
+            .await
     }
     async fn incr_durable(
         &self,
@@ -325,22 +379,22 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
         ttl_on_create: Option<Duration>,
     ) -> Result<i64> {
         self.observe(
-            "incr_durable",
+            INCR_DURABLE,
             Some(key),
             self.inner.incr_durable(key, delta, ttl_on_create),
         )
         .await
     }
     async fn expire(&self, key: &[u8], ttl: Duration) -> Result<bool> {
-        self.observe("expire", Some(key), self.inner.expire(key, ttl))
+        self.observe(EXPIRE, Some(key), self.inner.expire(key, ttl))
             .await
     }
     async fn persist(&self, key: &[u8]) -> Result<bool> {
-        self.observe("persist", Some(key), self.inner.persist(key))
+        self.observe(PERSIST, Some(key), self.inner.persist(key))
             .await
     }
     async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
-        self.observe("ttl", Some(key), self.inner.ttl(key)).await
+        self.observe(TTL, Some(key), self.inner.ttl(key)).await
     }
     async fn scan(
         &self,
@@ -348,11 +402,11 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
         cursor: Option<&ScanCursor>,
         limit: usize,
     ) -> Result<ScanPage> {
-        self.observe("scan", Some(prefix), self.inner.scan(prefix, cursor, limit))
+        self.observe(SCAN, Some(prefix), self.inner.scan(prefix, cursor, limit))
             .await
     }
     async fn now_ms(&self) -> Result<u64> {
-        self.observe("now_ms", None, self.inner.now_ms()).await
+        self.observe(NOW_MS, None, self.inner.now_ms()).await
     }
     async fn rate_limit(
         &self,
@@ -362,12 +416,12 @@ impl<B: Backend + ?Sized> Backend for Observed<B> {
     ) -> Result<RateOutcome> {
         // Several keys: the span names the first (a stack's keys share their request key).
         let key = rules.first().map(|r| r.key);
-        self.observe("rate_limit", key, self.inner.rate_limit(rules, mode, at_ms))
+        self.observe(RATE_LIMIT, key, self.inner.rate_limit(rules, mode, at_ms))
             .await
     }
     async fn delete_prefix(&self, prefix: &[u8]) -> Result<u64> {
         self.observe(
-            "delete_prefix",
+            DELETE_PREFIX,
             Some(prefix),
             self.inner.delete_prefix(prefix),
         )
@@ -441,6 +495,32 @@ pub(crate) fn lock_loss(reason: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operation_indexes_name_their_operation() {
+        let named = [
+            (GET, "get"),
+            (GET_WITH_TTL, "get_with_ttl"),
+            (SET, "set"),
+            (SET_NX, "set_nx"),
+            (COMPARE_AND_SWAP, "compare_and_swap"),
+            (COMPARE_AND_DELETE, "compare_and_delete"),
+            (DELETE, "delete"),
+            (INCR, "incr"),
+            (INCR_DURABLE, "incr_durable"),
+            (EXPIRE, "expire"),
+            (PERSIST, "persist"),
+            (TTL, "ttl"),
+            (SCAN, "scan"),
+            (NOW_MS, "now_ms"),
+            (RATE_LIMIT, "rate_limit"),
+            (DELETE_PREFIX, "delete_prefix"),
+        ];
+        assert_eq!(named.len(), OPS.len());
+        for (index, name) in named {
+            assert_eq!(OPS[index], name);
+        }
+    }
 
     #[test]
     fn redaction_is_short_stable_and_hides_the_key() {
