@@ -6,10 +6,14 @@
 use std::time::Duration;
 
 use keel::metrics as names;
-use metrics_util::MetricKind;
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+use metrics_util::{CompositeKey, MetricKind};
 
-fn recorded<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) -> Snapshotter {
+/// What a test recorded: one snapshot (a snapshot drains the recorder's counters, so it is
+/// taken once).
+type Recorded = Vec<(CompositeKey, DebugValue)>;
+
+fn recorded<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) -> Recorded {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -18,22 +22,25 @@ fn recorded<F: std::future::Future<Output = ()>>(test: impl FnOnce() -> F) -> Sn
         .unwrap();
     metrics::with_local_recorder(&recorder, || runtime.block_on(test()));
     snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| (key, value))
+        .collect()
 }
 
 /// The sum of the counters called `name` whose labels include `labels`.
-fn counter(s: &Snapshotter, name: &str, labels: &[(&str, &str)]) -> u64 {
-    s.snapshot()
-        .into_vec()
-        .into_iter()
-        .filter(|(key, ..)| {
+fn counter(s: &Recorded, name: &str, labels: &[(&str, &str)]) -> u64 {
+    s.iter()
+        .filter(|(key, _)| {
             key.kind() == MetricKind::Counter
                 && key.key().name() == name
                 && labels
                     .iter()
                     .all(|(n, v)| key.key().labels().any(|l| l.key() == *n && l.value() == *v))
         })
-        .map(|(.., value)| match value {
-            DebugValue::Counter(n) => n,
+        .map(|(_, value)| match value {
+            DebugValue::Counter(n) => *n,
             _ => 0,
         })
         .sum()
@@ -95,14 +102,9 @@ fn connect_hands_out_the_engine_of_an_embedded_url_only() {
         let memory = keel::Connect::new().open("memory://").await.unwrap();
         assert!(memory.engine.is_some());
     });
-    let gauge = s
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .find_map(|(key, .., value)| {
-            (key.kind() == MetricKind::Gauge && key.key().name() == names::ENGINE_KEYS)
-                .then_some(value)
-        });
+    let gauge = s.iter().find_map(|(key, value)| {
+        (key.kind() == MetricKind::Gauge && key.key().name() == names::ENGINE_KEYS).then_some(value)
+    });
     assert!(
         matches!(gauge, Some(DebugValue::Gauge(v)) if v.into_inner() == 2.0),
         "{gauge:?}"
