@@ -14,6 +14,7 @@ use keel_primitives::idempotency::{Begin, Fingerprint, Idempotency, StoredRespon
 use keel_primitives::lock::Lock;
 use keel_primitives::observe::{self, EngineGauges, Observed};
 use keel_primitives::ratelimit::{Quota, RateLimiter, Stacked, Strategy};
+use keel_primitives::session::{Saved, SessionStore};
 use keel_primitives::{Backend, Embedded, ErrorKind, VALUE_BYTES_MAX};
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use metrics_util::{CompositeKey, MetricKind};
@@ -407,6 +408,35 @@ fn lock_acquisitions_and_a_lost_lease_are_counted() {
         figures.counter(observe::LOCK_LOSSES_TOTAL, &[("reason", "release")]),
         1
     );
+}
+
+#[test]
+fn session_loads_and_saves_are_counted() {
+    let figures = recorded(|| async {
+        let store = SessionStore::builder(Arc::new(Embedded::memory()))
+            .build()
+            .unwrap();
+        let session = store.open(None);
+        session.insert("user", "u1").await.unwrap();
+        let token = session.save().await.unwrap().token().unwrap().to_owned();
+        let again = store.open(Some(&token));
+        assert_eq!(
+            again.get::<String>("user").await.unwrap().as_deref(),
+            Some("u1")
+        );
+        assert!(matches!(again.save().await.unwrap(), Saved::Unchanged));
+        // A token of the right shape that was never issued: loaded, not found.
+        let first = if token.starts_with('A') { "B" } else { "A" };
+        let forged = format!("{first}{}", &token[1..]);
+        let forged = store.open(Some(&forged));
+        assert_eq!(forged.get::<String>("user").await.unwrap(), None);
+    });
+    let loads = |o| figures.counter(observe::SESSION_LOADS_TOTAL, &[("outcome", o)]);
+    let saves = |o| figures.counter(observe::SESSION_SAVES_TOTAL, &[("outcome", o)]);
+    assert_eq!(loads("found"), 1);
+    assert_eq!(loads("missing"), 1);
+    assert_eq!(saves("stored"), 1);
+    assert_eq!(saves("unchanged"), 1);
 }
 
 #[test]

@@ -691,7 +691,7 @@ impl Session {
     pub async fn save(&self) -> Result<Saved, SessionError> {
         let mut state = self.inner.state.lock().await;
         let result = self.save_locked(&mut state).await;
-        crate::observe::session_save(match &result {
+        let outcome = match &result {
             Ok(Saved::Unchanged) => "unchanged",
             Ok(Saved::Stored { .. }) => "stored",
             Ok(Saved::Removed) => "removed",
@@ -699,7 +699,9 @@ impl Session {
             Err(SessionError::Ended) => "ended",
             Err(SessionError::TooLarge { .. }) => "too_large",
             Err(_) => "error",
-        });
+        };
+        tracing::debug!(target: "keel::session", outcome, "session save");
+        crate::observe::session_save(outcome);
         match &result {
             Err(SessionError::Ended) => {
                 // Nothing left to save: the client drops its cookie.

@@ -786,7 +786,9 @@ impl Inner {
     /// The `Cache-Status` header of one response; also counts the response in
     /// `keel_cache_requests_total{cache="http"}` (each response builds its status once).
     fn cache_status(&self, s: &Status) -> Option<HeaderValue> {
-        crate::observe::cache_request("http", s.outcome());
+        let outcome = s.outcome();
+        tracing::debug!(target: "keel::cache::http", outcome, collapsed = s.collapsed, "response cache decision");
+        crate::observe::cache_request("http", outcome);
         if s.collapsed {
             crate::observe::cache_coalesced("http");
         }
