@@ -20,7 +20,16 @@ use std::sync::Arc;
 pub use keel_adapters as adapters;
 pub use keel_engine as engine;
 pub use keel_primitives as primitives;
-pub use keel_primitives::{Backend, Embedded, Error, ErrorKind, Namespaced, Result};
+pub use keel_primitives::{Backend, Embedded, Error, ErrorKind, Namespaced, Observed, Result};
+
+/// Observability: the metric names keel reports, [`Observed`] (the wrapper [`connect`] puts
+/// around every backend), [`EngineGauges`](metrics::EngineGauges) for the embedded engine's
+/// figures, and [`describe_metrics`](metrics::describe_metrics) for an exporter's `# HELP`
+/// lines. Install a `metrics` recorder (e.g. `metrics-exporter-prometheus`) and a `tracing`
+/// subscriber in the application to see them.
+pub mod metrics {
+    pub use keel_primitives::observe::*;
+}
 
 /// Opens the backend a URL names.
 ///
@@ -36,10 +45,113 @@ pub use keel_primitives::{Backend, Embedded, Error, ErrorKind, Namespaced, Resul
 /// | `sled:PATH` | sled (feature `sled`) |
 /// | `redb:PATH` | redb (feature `redb`) |
 ///
+/// The backend comes wrapped in [`Observed`]: every operation is a `tracing` span and counts
+/// in the `keel_backend_*` metrics (see [`metrics`]), which cost next to nothing until the
+/// application installs a subscriber or a recorder. [`Connect::observe`]`(false)` opens it
+/// bare, and [`Connect::open`] also hands out the embedded engine for [`metrics::EngineGauges`].
+///
 /// # Errors
 /// [`ErrorKind::InvalidInput`] for an unknown scheme or a backend whose feature is not compiled
 /// in; the backend's own error (classified) when it cannot be opened or reached.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    Ok(Connect::new().open(url).await?.backend)
+}
+
+/// How [`connect`] opens a backend, for the cases it does not cover: a bare backend without
+/// the [`Observed`] wrapper, another `backend` label, or the embedded engine's handle.
+///
+/// ```no_run
+/// # async fn run() -> keel::Result<()> {
+/// let store = keel::Connect::new().label("sessions").open("./keel-data").await?;
+/// if let Some(db) = store.engine.clone() {
+///     // Publish the engine's figures every 10 s while `_gauges` lives.
+///     let _gauges = keel::metrics::EngineGauges::new(db).spawn(std::time::Duration::from_secs(10));
+/// }
+/// let bare = keel::Connect::new().observe(false).open("memory://").await?.backend;
+/// # let _ = bare; Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Connect {
+    observe: bool,
+    label: Option<String>,
+}
+
+impl Default for Connect {
+    fn default() -> Self {
+        Connect::new()
+    }
+}
+
+/// What [`Connect::open`] opened.
+#[derive(Clone)]
+#[non_exhaustive]
+pub struct Connected {
+    /// The backend ([`Observed`] unless [`Connect::observe`]`(false)`).
+    pub backend: Arc<dyn Backend>,
+    /// The embedded engine, for a path, `file:` or `memory://` URL (for
+    /// [`metrics::EngineGauges`], or [`engine::Db::stats`]); `None` for the other backends.
+    pub engine: Option<engine::Db>,
+}
+
+impl std::fmt::Debug for Connected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connected")
+            .field("backend", &self.backend.name())
+            .field("engine", &self.engine.is_some())
+            .finish()
+    }
+}
+
+impl Connect {
+    /// As [`connect`]: observed, labelled with the backend's name.
+    pub fn new() -> Self {
+        Connect {
+            observe: true,
+            label: None,
+        }
+    }
+
+    /// Whether to wrap the backend in [`Observed`] (default `true`).
+    pub fn observe(mut self, observe: bool) -> Self {
+        self.observe = observe;
+        self
+    }
+
+    /// The `backend` label of the metrics and spans (default: the backend's name, e.g.
+    /// `redis`).
+    pub fn label(mut self, label: impl Into<String>) -> Self {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Opens the backend `url` names (see [`connect`] for the URLs).
+    ///
+    /// # Errors
+    /// As [`connect`].
+    pub async fn open(&self, url: &str) -> Result<Connected> {
+        let (backend, engine) = match open_url(url).await? {
+            Opened::Engine(e) => {
+                let db = e.db().clone();
+                (Arc::new(e) as Arc<dyn Backend>, Some(db))
+            }
+            Opened::Other(b) => (b, None),
+        };
+        let backend = match (&self.label, self.observe) {
+            (_, false) => backend,
+            (None, true) => Arc::new(Observed::new(backend)) as Arc<dyn Backend>,
+            (Some(label), true) => Arc::new(Observed::with_label(backend, label.clone())),
+        };
+        Ok(Connected { backend, engine })
+    }
+}
+
+/// A backend just opened: the engine (whose `Db` [`Connected`] hands out) or another.
+enum Opened {
+    Engine(Embedded),
+    Other(Arc<dyn Backend>),
+}
+
+async fn open_url(url: &str) -> Result<Opened> {
     let (scheme, rest) = match url.split_once(':') {
         // A single letter before ':' would be a Windows drive, and "./x:y" a path: only a
         // plain alphanumeric word counts as a scheme.
@@ -51,16 +163,20 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         _ => return open_blocking(url.to_owned(), |path| embedded(&path)).await,
     };
     match scheme.as_str() {
-        "memory" => Ok(Arc::new(Embedded::memory())),
+        "memory" => Ok(Opened::Engine(Embedded::memory())),
         "file" => {
             let path = rest.trim_start_matches("//").to_owned();
             open_blocking(path, |path| embedded(&path)).await
         }
-        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => redis(url).await,
-        "valkey" | "valkeys" | "valkey+cluster" | "valkeys+cluster" => valkey(url).await,
-        "postgres" | "postgresql" => postgres(url).await,
-        "sled" => open_blocking(rest.to_owned(), |path| sled(&path)).await,
-        "redb" => open_blocking(rest.to_owned(), |path| redb(&path)).await,
+        "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
+            redis(url).await.map(Opened::Other)
+        }
+        "valkey" | "valkeys" | "valkey+cluster" | "valkeys+cluster" => {
+            valkey(url).await.map(Opened::Other)
+        }
+        "postgres" | "postgresql" => postgres(url).await.map(Opened::Other),
+        "sled" => open_blocking(rest.to_owned(), |path| sled(&path).map(Opened::Other)).await,
+        "redb" => open_blocking(rest.to_owned(), |path| redb(&path).map(Opened::Other)).await,
         other => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
@@ -74,10 +190,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
 /// Opens an on-disk store on the runtime's blocking pool: opening may run recovery (replay a
 /// log, check a file), which must not stall an async worker thread. Outside a runtime it
 /// runs inline.
-async fn open_blocking(
+async fn open_blocking<T: Send + 'static>(
     path: String,
-    open: fn(String) -> Result<Arc<dyn Backend>>,
-) -> Result<Arc<dyn Backend>> {
+    open: fn(String) -> Result<T>,
+) -> Result<T> {
     match tokio::runtime::Handle::try_current() {
         Ok(runtime) => runtime
             .spawn_blocking(move || open(path))
@@ -93,8 +209,8 @@ async fn open_blocking(
     }
 }
 
-fn embedded(path: &str) -> Result<Arc<dyn Backend>> {
-    Ok(Arc::new(Embedded::open(Path::new(path))?))
+fn embedded(path: &str) -> Result<Opened> {
+    Ok(Opened::Engine(Embedded::open(Path::new(path))?))
 }
 
 #[allow(dead_code)]

@@ -1,4 +1,5 @@
-//! The conformance suite on every backend. One test per backend, so the runner's output is a
+//! The conformance suite on every backend (and on the memory backend behind the `Observed`
+//! wrapper, column `observed`). One test per backend, so the runner's output is a
 //! backend-by-backend list; each also writes its per-case table to
 //! `target/conformance/<backend>.txt`, which the test script prints as a matrix.
 //!
@@ -42,6 +43,14 @@ async fn check(backend: Arc<dyn Backend>, label: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn conformance_memory() {
     check(Arc::new(Embedded::memory()), "memory").await;
+}
+
+/// The memory backend behind the `Observed` wrapper that `keel::connect` puts around every
+/// backend: the wrapper must pass the contract unchanged (native steps included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conformance_memory_observed() {
+    let backend = keel_primitives::Observed::new(Arc::new(Embedded::memory()));
+    check(Arc::new(backend), "observed").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

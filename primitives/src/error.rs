@@ -37,6 +37,23 @@ impl ErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(self, ErrorKind::Transient | ErrorKind::Timeout)
     }
+
+    /// The kind as a short `snake_case` name (`"limit"`, `"timeout"`, ...): the `kind` label of
+    /// the error metrics and the `outcome` field of the backend spans.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::NotAnInteger => "not_an_integer",
+            ErrorKind::Overflow => "overflow",
+            ErrorKind::Limit => "limit",
+            ErrorKind::Transient => "transient",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Permanent => "permanent",
+            ErrorKind::Poisoned => "poisoned",
+            ErrorKind::Locked => "locked",
+            ErrorKind::Corruption => "corruption",
+        }
+    }
 }
 
 /// An error from a [`Backend`](crate::Backend) or a primitive.

@@ -14,6 +14,10 @@
 //! extraction, problem responses) and each primitive's layer sits beside it:
 //! `ratelimit::RateLimitLayer`, `idempotency::IdempotencyLayer`, `session::SessionLayer`,
 //! `cache::http::HttpCacheLayer`.
+//!
+//! [`observe`] reports what happens on the contract: [`Observed`] wraps any backend and emits a
+//! `tracing` span and `metrics` per operation; the primitives count their decisions (rate-limit
+//! outcomes, cache hits, breaker transitions, ...) through the same facade.
 
 pub mod backend;
 pub mod breaker;
@@ -27,6 +31,7 @@ pub mod http;
 pub mod idempotency;
 pub mod lock;
 mod namespace;
+pub mod observe;
 pub mod otp;
 pub mod ratelimit;
 pub mod session;
@@ -42,3 +47,4 @@ pub use backend::{
 pub use embedded::Embedded;
 pub use error::{Error, ErrorKind, Result};
 pub use namespace::Namespaced;
+pub use observe::Observed;

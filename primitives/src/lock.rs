@@ -338,7 +338,14 @@ impl Lock {
         if self.options.renewal == Renewal::Auto && tokio::runtime::Handle::try_current().is_err() {
             return Err(LockError::NoRuntime);
         }
-        let lease = self.attempt(name, ttl).await?;
+        let lease = match self.attempt(name, ttl).await {
+            Ok(lease) => lease,
+            Err(e) => {
+                crate::observe::lock_acquisition("error");
+                return Err(e);
+            }
+        };
+        crate::observe::lock_acquisition(if lease.is_some() { "acquired" } else { "busy" });
         match lease {
             Some(mut lease) if self.options.renewal == Renewal::Auto => {
                 lease.auto_renew()?;
@@ -391,6 +398,7 @@ impl Lock {
             }
             let left = wait.saturating_sub(started.elapsed());
             if left.is_zero() {
+                crate::observe::lock_acquisition("timeout");
                 return Err(LockError::Timeout {
                     name: lossy(name),
                     waited: started.elapsed(),
@@ -975,6 +983,7 @@ impl Shared {
             self.state.send_modify(|s| s.deadline = deadline);
             Ok(())
         } else {
+            crate::observe::lock_loss("renewal");
             self.end();
             Err(self.lost_error())
         }
@@ -1103,6 +1112,8 @@ impl Lease {
         self.released = true;
         if released {
             released_hold(&self.shared.backend, &self.shared.key);
+        } else {
+            crate::observe::lock_loss("release");
         }
         Ok(released)
     }
@@ -1165,6 +1176,7 @@ async fn keep_alive(shared: Arc<Shared>) {
                 let now = Instant::now();
                 let deadline = shared.state.borrow().deadline;
                 if now >= deadline {
+                    crate::observe::lock_loss("deadline");
                     shared.end();
                     return;
                 }

@@ -174,6 +174,11 @@ where
                     Ok(resp) => (layer.classify)(resp.status()),
                     Err(_) => Outcome::Failure,
                 };
+                tracing::trace!(
+                    breaker = %layer.breaker.name(),
+                    outcome = ?outcome,
+                    "request passed the circuit breaker"
+                );
                 permit.record(outcome).await;
                 result
             }),

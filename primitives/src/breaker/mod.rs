@@ -166,15 +166,23 @@ impl State {
     }
 }
 
-impl fmt::Display for State {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl State {
+    /// The state's name (`closed`, `open`, `half-open`, `forced-open`, `forced-closed`): its
+    /// `Display` and the `from`/`to` labels of `keel_breaker_transitions_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
             State::Closed => "closed",
             State::Open => "open",
             State::HalfOpen => "half-open",
             State::ForcedOpen => "forced-open",
             State::ForcedClosed => "forced-closed",
-        })
+        }
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -1220,6 +1228,7 @@ impl Breaker {
             return;
         }
         tracing::info!(breaker = %self.inner.name, %from, %to, "circuit breaker state change");
+        crate::observe::breaker_transition(&self.inner.name, from.as_str(), to.as_str());
         for cb in &self.inner.callbacks {
             cb(StateChange { from, to });
         }

@@ -96,6 +96,7 @@ use flight::{Flights, Role};
 
 use crate::backend::{Backend, KEY_BYTES_MAX, TTL_MAX};
 use crate::error::Result;
+use crate::observe;
 
 /// Prefix of every key the cache writes: `keel-cache:{namespace}:`.
 pub const KEY_PREFIX: &[u8] = b"keel-cache:";
@@ -867,14 +868,17 @@ impl<C> Cache<C> {
         Ok(match found {
             Found::Fresh(v, _) => {
                 bump(&self.inner.counters.hits);
+                observe::cache_request("value", "hit");
                 v
             }
             Found::Stale(v, _) => {
                 bump(&self.inner.counters.stale);
+                observe::cache_request("value", "stale");
                 v
             }
             Found::Miss => {
                 bump(&self.inner.counters.misses);
+                observe::cache_request("value", "miss");
                 None
             }
         })
@@ -1034,6 +1038,7 @@ impl<C> Cache<C> {
                     "cache backend failed reading tag generations; computing without the cache");
                 bump(&counters.misses);
                 bump(&counters.computations);
+                observe::cache_request("value", "miss");
                 return compute().await.map_err(Arc::new);
             }
         };
@@ -1043,6 +1048,7 @@ impl<C> Cache<C> {
             tracing::warn!(target: "keel::cache", key = %redact(key), "cache key too long; computing without the cache");
             bump(&counters.misses);
             bump(&counters.computations);
+            observe::cache_request("value", "miss");
             return compute().await.map_err(Arc::new);
         }
         let now = self.now_ms().await;
@@ -1060,6 +1066,16 @@ impl<C> Cache<C> {
             }
             other => other,
         };
+        // Each lookup counts once, by what it found (a stale entry that gets recomputed is
+        // still a `stale` lookup).
+        observe::cache_request(
+            "value",
+            match &found {
+                Found::Fresh(..) => "hit",
+                Found::Stale(..) => "stale",
+                Found::Miss => "miss",
+            },
+        );
         match found {
             Found::Fresh(value, h) => {
                 if self.xfetch_fires(&h, now) {
@@ -1225,6 +1241,7 @@ impl<C> Cache<C> {
                         };
                         if let Some(r) = shared.filter(usable) {
                             bump(&self.inner.counters.stampede_joined);
+                            observe::cache_coalesced("value");
                             return r.clone();
                         }
                         // Another type under the same key, or a `None` we may not use: compute

@@ -337,6 +337,24 @@ impl Idempotency {
         key: &[u8],
         fingerprint: Fingerprint,
     ) -> Result<Begin, IdempotencyError> {
+        let begun = self.begin_inner(scope, key, fingerprint).await;
+        crate::observe::idempotency_request(match &begun {
+            Ok(Begin::Claimed(_)) => "claimed",
+            Ok(Begin::InFlight) => "in_flight",
+            Ok(Begin::Mismatch) => "mismatch",
+            Ok(Begin::Completed(_)) => "replayed",
+            Ok(Begin::NotReplayable) => "not_replayable",
+            Err(_) => "error",
+        });
+        begun
+    }
+
+    async fn begin_inner(
+        &self,
+        scope: &[u8],
+        key: &[u8],
+        fingerprint: Fingerprint,
+    ) -> Result<Begin, IdempotencyError> {
         validate_key(key)?;
         let storage_key = Self::storage_key(scope, key);
         let mut owner = [0u8; OWNER_BYTES];

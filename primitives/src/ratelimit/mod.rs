@@ -549,6 +549,7 @@ impl RateLimiter {
     ) -> Result<Decision, RateLimitError> {
         let planned = self.plan(key.as_ref(), cost, quota)?;
         let (decision, _) = self.step(&planned, RateMode::Consume).await?;
+        crate::observe::ratelimit_decision(&self.name, decision.allowed);
         Ok(decision)
     }
 
@@ -565,6 +566,7 @@ impl RateLimiter {
     ) -> Result<(Decision, Option<Reservation>), RateLimitError> {
         let planned = self.plan(key.as_ref(), cost, None)?;
         let (decision, now_ms) = self.step(&planned, RateMode::Consume).await?;
+        crate::observe::ratelimit_decision(&self.name, decision.allowed);
         let reservation = (decision.allowed && cost > 0).then(|| Reservation {
             limiter: self.clone(),
             planned,

@@ -93,9 +93,14 @@ impl StackDecision {
 ///
 /// The reported decision, when admitted, is the policy with the least remaining (ties: the
 /// longest reset); when denied, the denying policy with the longest retry-after.
+///
+/// Each check counts one decision in `keel_ratelimit_decisions_total` under the policies'
+/// names joined by `+` (see [`observe`](crate::observe)).
 #[derive(Debug, Clone)]
 pub struct Stacked {
     limiters: Vec<RateLimiter>,
+    /// The `limiter` label of this stack's decisions: the names joined by `+`.
+    label: String,
 }
 
 impl Stacked {
@@ -123,7 +128,12 @@ impl Stacked {
                 });
             }
         }
-        Ok(Stacked { limiters })
+        let label = limiters
+            .iter()
+            .map(RateLimiter::name)
+            .collect::<Vec<_>>()
+            .join("+");
+        Ok(Stacked { limiters, label })
     }
 
     /// The policies, in the order they are applied.
@@ -162,7 +172,9 @@ impl Stacked {
     ) -> Result<StackDecision, RateLimitError> {
         let planned = self.plan(key.as_ref(), cost, overrides)?;
         let decisions = self.step(&planned, RateMode::Consume).await?;
-        self.report(decisions)
+        let report = self.report(decisions)?;
+        crate::observe::ratelimit_decision(&self.label, report.decision.allowed);
+        Ok(report)
     }
 
     /// All policies in one step of the backend, or one after the other when they do not
@@ -323,6 +335,7 @@ impl From<RateLimiter> for Stacked {
     /// A stack of one policy.
     fn from(limiter: RateLimiter) -> Self {
         Stacked {
+            label: limiter.name().to_owned(),
             limiters: vec![limiter],
         }
     }

@@ -691,6 +691,17 @@ impl Session {
     pub async fn save(&self) -> Result<Saved, SessionError> {
         let mut state = self.inner.state.lock().await;
         let result = self.save_locked(&mut state).await;
+        let outcome = match &result {
+            Ok(Saved::Unchanged) => "unchanged",
+            Ok(Saved::Stored { .. }) => "stored",
+            Ok(Saved::Removed) => "removed",
+            Err(SessionError::Conflict { .. }) => "conflict",
+            Err(SessionError::Ended) => "ended",
+            Err(SessionError::TooLarge { .. }) => "too_large",
+            Err(_) => "error",
+        };
+        tracing::debug!(target: "keel::session", outcome, "session save");
+        crate::observe::session_save(outcome);
         match &result {
             Err(SessionError::Ended) => {
                 // Nothing left to save: the client drops its cookie.
@@ -928,7 +939,13 @@ impl Session {
         };
         let store = &self.inner.store;
         let key = store.key(&SessionId::of(&token));
-        let read = store.config.backend.get_with_ttl(&key).await?;
+        let read = match store.config.backend.get_with_ttl(&key).await {
+            Ok(read) => read,
+            Err(e) => {
+                crate::observe::session_load("error");
+                return Err(e.into());
+            }
+        };
         let now = store.config.clock.now_ms();
         state.loaded = true;
         match read.and_then(|(bytes, ttl)| {
@@ -937,17 +954,20 @@ impl Session {
                 .map(|r| (bytes, r, ttl))
         }) {
             Some((bytes, record, ttl)) if now < record.deadline_ms => {
+                crate::observe::session_load("found");
                 state.data = record.data.clone();
                 state.base_ttl_ms = ttl.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX));
                 state.base = Some((bytes, record));
             }
             Some(_) => {
                 // Past its absolute lifetime by our clock: gone, and a fresh session starts.
+                crate::observe::session_load("expired");
                 store.config.backend.delete(&key).await?;
                 state.token = None;
             }
             None => {
                 // Missing, expired or unreadable: a fresh anonymous session.
+                crate::observe::session_load("missing");
                 state.token = None;
             }
         }

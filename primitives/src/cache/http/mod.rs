@@ -624,6 +624,26 @@ struct Status {
     detail: Option<&'static str>,
 }
 
+impl Status {
+    /// The `outcome` label: `hit`, `stale` (served past its freshness), `miss`,
+    /// `revalidated` (a stored response checked with the origin) or `bypass` (the request's
+    /// directives sent it to the origin).
+    fn outcome(&self) -> &'static str {
+        if self.hit {
+            return if self.ttl.is_some_and(|t| t < 0) {
+                "stale"
+            } else {
+                "hit"
+            };
+        }
+        match self.fwd {
+            Some("stale") => "revalidated",
+            Some("request") => "bypass",
+            _ => "miss",
+        }
+    }
+}
+
 impl Inner {
     fn key(&self, kind: &[u8], primary: &str, secondary: Option<&str>) -> Vec<u8> {
         let mut k = self.prefix.clone();
@@ -763,7 +783,15 @@ impl Inner {
         Ok(any)
     }
 
+    /// The `Cache-Status` header of one response; also counts the response in
+    /// `keel_cache_requests_total{cache="http"}` (each response builds its status once).
     fn cache_status(&self, s: &Status) -> Option<HeaderValue> {
+        let outcome = s.outcome();
+        tracing::debug!(target: "keel::cache::http", outcome, collapsed = s.collapsed, "response cache decision");
+        crate::observe::cache_request("http", outcome);
+        if s.collapsed {
+            crate::observe::cache_coalesced("http");
+        }
         let name = TokenRef::from_str(&self.name).ok()?;
         let mut list = ListSerializer::new();
         let mut item = list.bare_item(name);
