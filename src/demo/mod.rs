@@ -287,7 +287,12 @@ struct Store {
     db: Option<Db>,
     /// A temporary directory to delete after closing.
     temporary: Option<PathBuf>,
+    /// Publishes the engine's figures as gauges while it lives.
+    _gauges: Option<keel::metrics::EngineGaugesTask>,
 }
+
+/// How often the engine's figures are published for /metrics.
+const ENGINE_GAUGES_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Store {
     async fn open(choice: &StoreChoice) -> Result<Store, Failure> {
@@ -309,6 +314,7 @@ impl Store {
                     backend,
                     db: None,
                     temporary: None,
+                    _gauges: None,
                 })
             }
         }
@@ -321,10 +327,14 @@ impl Store {
             .await
             .map_err(|e| Failure::Error(format!("opening the store was interrupted: {e}")))?
             .map_err(|e| Failure::Error(format!("cannot open the store in {shown}: {e}")))?;
+        // Observed, as `keel::connect` would wrap it, so every operation shows on /metrics;
+        // the engine's own figures are published next to them while the store is open.
+        let gauges = keel::metrics::EngineGauges::new(db.clone()).spawn(ENGINE_GAUGES_EVERY);
         Ok(Store {
-            backend: Arc::new(Embedded::new(db.clone())),
+            backend: Arc::new(keel::Observed::new(Arc::new(Embedded::new(db.clone())))),
             db: Some(db),
             temporary,
+            _gauges: Some(gauges),
         })
     }
 
@@ -334,7 +344,9 @@ impl Store {
             backend,
             db,
             temporary,
+            _gauges,
         } = self;
+        drop(_gauges);
         drop(backend);
         let said = match db {
             Some(db) => {

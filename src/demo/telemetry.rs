@@ -47,6 +47,7 @@ pub fn install() -> Result<PrometheusHandle, Failure> {
         .install_recorder()
         .map_err(|e| Failure::Error(format!("cannot install the metrics recorder: {e}")))?;
     describe();
+    keel::metrics::describe_metrics();
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
