@@ -369,7 +369,15 @@ struct Core {
     evict_shard_cursor: AtomicU64,
     /// The clock reading (ms) that `Slot::touched` counts from.
     touch_base_ms: u64,
+    /// Test hook: runs in every single-key write after its input checks, before it takes the
+    /// key's shard lock (where a preempted writer would be).
+    #[cfg(test)]
+    before_shard_lock: Mutex<Option<WriteHook>>,
 }
+
+/// A test hook called with the key of a write (see `Core::before_shard_lock`).
+#[cfg(test)]
+type WriteHook = Arc<dyn Fn(&[u8]) + Send + Sync>;
 
 /// What only an on-disk store has.
 struct Disk {
@@ -684,6 +692,8 @@ impl Db {
             evictions: AtomicU64::new(0),
             evict_shard_cursor: AtomicU64::new(0),
             touch_base_ms,
+            #[cfg(test)]
+            before_shard_lock: Mutex::new(None),
         });
         let (stop_tx, stop_rx) = bounded::<()>(0);
         let expirer_core = Arc::clone(&core);
@@ -1230,8 +1240,15 @@ impl Db {
         self.check_key(key)?;
         self.before_write()?;
         let core = self.core();
-        let now = core.clock.now_ms();
+        #[cfg(test)]
+        if let Some(hook) = core.before_shard_lock.lock().clone() {
+            hook(key);
+        }
         let mut shard = core.index.shard(core.index.shard_of(key)).write();
+        // "Now" is read under the shard lock, never before it: a writer preempted on its way
+        // here must not decide on a time older than what a snapshot or a reader of this key
+        // has already acted on (see DESIGN.md, "Time and expiry").
+        let now = core.clock.now_ms();
         let (change, outcome) = decide(shard.map.get(key).filter(|s| s.is_live(now)), now)?;
         let entry = match &change {
             Change::None => return Ok(Pending::ready(outcome)),
@@ -1942,6 +1959,96 @@ pub fn lock_path(dir: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
+    use std::sync::Barrier;
+
+    const T0: u64 = 1_700_000_000_000;
+
+    /// A store on a manual clock whose active expirer never ticks during a test (so only the
+    /// operations under test touch the keys).
+    fn open_manual(dir: &Path, clock: &ManualClock) -> Db {
+        let options = Options::default()
+            .clock(Arc::new(clock.clone()))
+            .active_expiry(Duration::from_secs(3600), 256);
+        Db::open(dir, options).unwrap()
+    }
+
+    /// Arms the hook: the first write to `key` stops before its shard lock, signals `reached`
+    /// and waits for `release`.
+    fn park_first_write_to(db: &Db, key: &'static [u8]) -> (Arc<Barrier>, Arc<Barrier>) {
+        let reached = Arc::new(Barrier::new(2));
+        let release = Arc::new(Barrier::new(2));
+        let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (r, l) = (Arc::clone(&reached), Arc::clone(&release));
+        *db.core().before_shard_lock.lock() = Some(Arc::new(move |k: &[u8]| {
+            if k == key && armed.swap(false, Ordering::SeqCst) {
+                r.wait();
+                l.wait();
+            }
+        }));
+        (reached, release)
+    }
+
+    /// Issue 16, item 1: a `persist` that started before the key expired, and reaches the
+    /// key's shard only after a snapshot left the (by then expired) key out, must not be
+    /// acknowledged as having persisted it: after a restart the key would be gone.
+    #[test]
+    fn a_persist_racing_a_snapshot_is_never_acknowledged_and_then_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let db = open_manual(dir.path(), &clock);
+        db.set("session", "v", Some(Duration::from_secs(10)))
+            .unwrap();
+        clock.advance(Duration::from_secs(5));
+        let (reached, release) = park_first_write_to(&db, b"session");
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || db.persist("session").unwrap())
+        };
+        reached.wait();
+        // The key expires while the persist is on its way to the shard lock, and a snapshot
+        // taken now leaves it out.
+        clock.advance(Duration::from_secs(10));
+        let report = db.compact().unwrap().unwrap();
+        assert_eq!(report.entries, 0, "the expired key is not in the snapshot");
+        release.wait();
+        let persisted = writer.join().unwrap();
+        db.close().unwrap();
+        let db = open_manual(dir.path(), &clock);
+        let present = db.get("session").is_some();
+        assert_eq!(
+            (persisted, present),
+            (false, false),
+            "persist acknowledged {persisted}, key present after reopen: {present}"
+        );
+    }
+
+    /// Issue 16, item 1: an `expire` that reaches the shard after a reader saw the key expired
+    /// must not bring it back with a new TTL.
+    #[test]
+    fn an_expire_decided_on_a_stale_now_does_not_revive_an_expired_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = ManualClock::new(T0);
+        let db = open_manual(dir.path(), &clock);
+        db.set("k", "v", Some(Duration::from_secs(10))).unwrap();
+        clock.advance(Duration::from_secs(5));
+        let (reached, release) = park_first_write_to(&db, b"k");
+        let writer = {
+            let db = db.clone();
+            std::thread::spawn(move || db.expire("k", Duration::from_secs(20)).unwrap())
+        };
+        reached.wait();
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(db.get("k"), None, "the key has expired");
+        release.wait();
+        let extended = writer.join().unwrap();
+        assert!(
+            !extended,
+            "expire acknowledged on a key already observed expired"
+        );
+        assert_eq!(db.get("k"), None);
+        assert_eq!(db.ttl("k"), Ttl::Missing);
+    }
 
     #[test]
     fn ttl_rounds_up_and_rejects_zero_and_huge() {
