@@ -477,9 +477,11 @@ impl Db {
     /// Opens (creating if needed) the store in `dir`, recovering from its WAL.
     ///
     /// # Errors
+    /// [`Error::InvalidOption`] if `options` fail [`Options::validate`] (nothing is touched);
     /// [`Error::Locked`] if another `Db` has `dir` open; [`Error::Corruption`] if the WAL is
     /// damaged other than by a torn last write (nothing is modified then); [`Error::Io`].
     pub fn open(dir: impl AsRef<Path>, options: Options) -> Result<Db> {
+        options.validate()?;
         let dir = dir.as_ref().to_path_buf();
         let storage = Arc::clone(&options.storage);
         if !options.create_if_missing && !is_store(&*storage, &dir) {
@@ -1370,6 +1372,18 @@ impl Db {
                 expires_at_ms: (*expires_at_ms != 0).then_some(*expires_at_ms),
             })
             .collect();
+        // The writes are one record: held to the batch limits, so the record always fits the
+        // format (`Options::validate` keeps `max_batch_bytes` under its ceiling).
+        let bytes = 4 + entries.iter().map(Entry::encoded_len).sum::<usize>();
+        let limits = core.limits;
+        if entries.len() > limits.max_batch_ops || bytes > limits.max_batch_bytes {
+            return Err(Error::BatchTooLarge {
+                ops: entries.len(),
+                bytes,
+                max_ops: limits.max_batch_ops,
+                max_bytes: limits.max_batch_bytes,
+            });
+        }
         if core.max_memory.is_some() {
             let mut growth = 0u64;
             for (i, value, _) in &planned {

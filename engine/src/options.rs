@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::record::RECORD_BODY_BYTES_MAX;
 use crate::storage::{FsStorage, Storage};
 
 /// The longest TTL accepted: 10 years (3,650 days). Longer TTLs are an
@@ -51,10 +53,31 @@ pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 pub const BATCH_OPS_MAX_DEFAULT: usize = 10_000;
 /// Default for [`Limits::max_batch_bytes`].
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
-/// The hard ceiling for any configured key limit: WAL entries frame keys with a `u16` length.
+/// The largest [`Limits::max_key_bytes`] a store accepts: WAL entries and snapshot entries
+/// frame keys with a `u16` length.
 pub const KEY_BYTES_CEILING: usize = u16::MAX as usize;
-/// The hard ceiling for any configured value or batch limit: one WAL record must fit a `u32`.
-pub const RECORD_BYTES_CEILING: usize = 1 << 30;
+/// Bytes a Put entry takes in a record body besides its key and value (tag, key length,
+/// expiry, value length).
+const PUT_ENTRY_OVERHEAD_BYTES: usize = 1 + 2 + 8 + 4;
+/// Bytes of a record body's entry count.
+const RECORD_COUNT_BYTES: usize = 4;
+/// The largest [`Limits::max_value_bytes`] a store accepts: a set of a key of
+/// [`KEY_BYTES_CEILING`] bytes to a value of this size is one record whose body is exactly the
+/// largest the WAL decoder accepts ([`RECORD_BODY_BYTES_MAX`], 1 GiB).
+pub const VALUE_BYTES_CEILING: usize =
+    RECORD_BODY_BYTES_MAX - RECORD_COUNT_BYTES - PUT_ENTRY_OVERHEAD_BYTES - KEY_BYTES_CEILING;
+/// The largest [`Limits::max_batch_bytes`] a store accepts: a batch is one record, and its
+/// counted bytes are that record's body.
+pub const BATCH_BYTES_CEILING: usize = RECORD_BODY_BYTES_MAX;
+
+const _: () = assert!(
+    RECORD_COUNT_BYTES + PUT_ENTRY_OVERHEAD_BYTES + KEY_BYTES_CEILING + VALUE_BYTES_CEILING
+        == RECORD_BODY_BYTES_MAX
+);
+const _: () = assert!(VALUE_BYTES_CEILING <= u32::MAX as usize);
+const _: () = assert!(VALUE_BYTES_MAX_DEFAULT <= VALUE_BYTES_CEILING);
+const _: () = assert!(BATCH_BYTES_MAX_DEFAULT <= BATCH_BYTES_CEILING);
+const _: () = assert!(KEY_BYTES_MAX_DEFAULT <= KEY_BYTES_CEILING);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -158,15 +181,50 @@ impl Options {
         self
     }
 
-    /// Size limits. Values above the format's ceilings are clamped to them.
+    /// Size limits. Each must be at most its ceiling ([`KEY_BYTES_CEILING`],
+    /// [`VALUE_BYTES_CEILING`], [`BATCH_BYTES_CEILING`]: what the on-disk format can frame);
+    /// `Db::open` refuses a larger one with [`Error::InvalidOption`].
     pub fn limits(mut self, limits: Limits) -> Self {
-        self.limits = Limits {
-            max_key_bytes: limits.max_key_bytes.min(KEY_BYTES_CEILING),
-            max_value_bytes: limits.max_value_bytes.min(RECORD_BYTES_CEILING),
-            max_batch_ops: limits.max_batch_ops,
-            max_batch_bytes: limits.max_batch_bytes.min(RECORD_BYTES_CEILING),
-        };
+        self.limits = limits;
         self
+    }
+
+    /// Checks the settings against what the store supports; `Db::open` calls it before it
+    /// touches the directory.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming the setting: a limit above its ceiling (a write under
+    /// it could be acknowledged and then not read back), or `Durability::Periodic` with a zero
+    /// interval.
+    pub fn validate(&self) -> Result<()> {
+        let over = |option: &'static str, value: usize, ceiling: usize| {
+            if value > ceiling {
+                Err(Error::InvalidOption {
+                    option,
+                    reason: format!(
+                        "{value} is above {ceiling}, the most the on-disk format can hold"
+                    ),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        over(
+            "max_key_bytes",
+            self.limits.max_key_bytes,
+            KEY_BYTES_CEILING,
+        )?;
+        over(
+            "max_value_bytes",
+            self.limits.max_value_bytes,
+            VALUE_BYTES_CEILING,
+        )?;
+        over(
+            "max_batch_bytes",
+            self.limits.max_batch_bytes,
+            BATCH_BYTES_CEILING,
+        )?;
+        Ok(())
     }
 
     /// The clock expiry is measured against (default: the system clock).
