@@ -1562,7 +1562,10 @@ fn outcome_bool(o: Outcome) -> bool {
 /// (at most one segment, 64 MiB by default) per open.
 fn rewrite_segment(storage: &dyn Storage, path: &Path) -> Result<()> {
     let bytes = storage.read(path)?;
-    if bytes.len() <= record::SEGMENT_HEADER_BYTES {
+    // A segment holding only its header is rewritten too: its header's fdatasync may be the
+    // one that failed (a roll that poisoned the store), and records appended after a header
+    // the disk never got would be unreadable after a power loss.
+    if bytes.is_empty() {
         return Ok(());
     }
     let mut tmp = path.as_os_str().to_owned();
@@ -1814,6 +1817,10 @@ impl Core {
         // The copy may hold states newer than `lsn`; make their records durable before the
         // snapshot exists, so it never shows a write (or part of a batch) a crash could lose.
         wal.sync_all()?;
+        // If the active segment still holds records the snapshot covers (an idle store: no
+        // commit ran since the roll was requested), roll now: a covered segment can only be
+        // deleted once it is no longer the active one.
+        wal.roll_now(lsn)?;
         let (_, entries) = writer.install(&*disk.storage, &disk.dir)?;
         disk.appended_at_last
             .store(appended_before, Ordering::Relaxed);

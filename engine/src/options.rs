@@ -21,9 +21,11 @@ pub enum Durability {
     /// share one fdatasync (group commit). Survives process crash and power loss. The default.
     #[default]
     Immediate,
-    /// Return after the WAL writer has handed the record to the OS (`write(2)`); fdatasync runs
-    /// in the background at least this often. Survives a process crash; a power loss can lose
-    /// up to the interval's worth of acknowledged writes.
+    /// Return after the WAL writer has handed the record to the OS (`write(2)`); while written
+    /// data is not yet synced, the background fdatasyncs are at most this interval apart.
+    /// Survives a process crash; a power loss can lose up to the interval's worth of
+    /// acknowledged writes. The interval must be above zero (`Db::open` refuses
+    /// `Periodic(Duration::ZERO)` with [`Error::InvalidOption`]).
     Periodic(Duration),
     /// Return as soon as the record is queued for the WAL writer; the OS decides when it
     /// reaches disk. A process crash can lose the queued records (microseconds' worth), a power
@@ -224,6 +226,14 @@ impl Options {
             self.limits.max_batch_bytes,
             BATCH_BYTES_CEILING,
         )?;
+        if self.durability == Durability::Periodic(Duration::ZERO) {
+            return Err(Error::InvalidOption {
+                option: "durability",
+                reason: "Periodic needs an interval above zero (for an fdatasync before every \
+                         acknowledgement use Immediate)"
+                    .into(),
+            });
+        }
         Ok(())
     }
 

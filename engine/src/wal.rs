@@ -260,6 +260,13 @@ pub(crate) struct WalShared {
     last_batch_records: AtomicU64,
     /// `Some(interval)` for `Durability::Periodic`: the background fdatasync period.
     periodic: Option<Duration>,
+    /// True while the segment holds written bytes not yet fdatasynced (mirrors `Io::unsynced`
+    /// so the writer thread can plan the periodic fdatasync without taking `io`).
+    unsynced: AtomicBool,
+    /// When the last fdatasync of the WAL ended, in µs since `started`.
+    last_sync_us: AtomicU64,
+    /// The origin of `last_sync_us`.
+    started: Instant,
     io: Mutex<Io>,
     wal_bytes: AtomicU64,
     appended_bytes: AtomicU64,
@@ -367,6 +374,9 @@ impl Wal {
             blocking_waiters: AtomicU64::new(0),
             last_batch_records: AtomicU64::new(0),
             periodic,
+            unsynced: AtomicBool::new(false),
+            last_sync_us: AtomicU64::new(0),
+            started: Instant::now(),
             io: Mutex::new(Io {
                 storage,
                 dir,
@@ -580,6 +590,53 @@ impl WalShared {
         self.queue.lock().roll = true;
     }
 
+    /// Starts a new segment now if the active one holds a record `<= covered` (a snapshot at
+    /// `covered` calls it after making the WAL durable up to there), so the segments the
+    /// snapshot covers can all be deleted. Without it an idle store keeps its whole WAL: the
+    /// roll the snapshot requested waits for the next write, and a roll done by a commit of
+    /// records queued before the snapshot leaves them in the new active segment.
+    pub(crate) fn roll_now(&self, covered: u64) -> Result<()> {
+        let mut io = self.io.lock();
+        let next = {
+            let mut q = self.queue.lock();
+            io.roll_requested |= std::mem::take(&mut q.roll);
+            if !q.buf.is_empty() {
+                // Commit what is queued first; a requested roll happens before it is written.
+                drop(q);
+                self.lead(&mut io);
+                q = self.queue.lock();
+            }
+            q.buf.is_empty().then_some(q.next_lsn)
+        };
+        let has_records = io.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
+        if let Some(first_lsn) = next
+            && has_records
+            && self.active_first_lsn() <= covered
+            && !self.is_poisoned()
+        {
+            self.sync.lock().leading = true;
+            // Records appended from here on get LSNs >= `first_lsn` and are written by a
+            // later commit, into the new segment.
+            let rolled = io.roll(first_lsn, self);
+            io.roll_requested = false;
+            match rolled {
+                Err((what, e)) => {
+                    self.poison(what, &e);
+                    self.end_lead(None);
+                }
+                Ok(()) => {
+                    // `roll` fdatasynced the sealed segment, which holds every record written
+                    // so far: they are all durable now.
+                    self.note_synced(&mut io);
+                    let written = self.written_lsn.load(Ordering::Acquire);
+                    self.end_lead(Some((written, Some(written))));
+                }
+            }
+        }
+        drop(io);
+        self.check_poison()
+    }
+
     /// Makes every record appended so far durable, whatever durability each asked for.
     pub(crate) fn sync_all(&self) -> Result<()> {
         let last = {
@@ -637,21 +694,19 @@ impl WalShared {
                 // Sleep until there is work: records, a sync request, shutdown, or (Periodic)
                 // the background fdatasync falling due.
                 while q.buf.is_empty() && !q.needs_sync && !q.shutdown {
-                    let Some(interval) = self.periodic else {
-                        self.doorbell.wait(&mut q);
-                        continue;
-                    };
-                    // Periodic: wake at least once per interval, so data a waiting writer
-                    // wrote (without fdatasync) is synced within about one interval. `io` is
-                    // only tried here: it is never waited for while holding the queue.
-                    let left = self.io.try_lock().and_then(|io| {
-                        io.unsynced
-                            .then(|| interval.saturating_sub(io.last_sync.elapsed()))
-                    });
-                    match left {
+                    // Periodic with written, unsynced data: fdatasync once `interval` has
+                    // passed since the last one, so two fdatasyncs are never more than an
+                    // interval apart while there is data to sync. With nothing unsynced there
+                    // is nothing to time: a leader that leaves data unsynced rings the
+                    // doorbell (under the queue mutex, so the ring cannot be lost).
+                    let due = self
+                        .periodic
+                        .filter(|_| self.unsynced.load(Ordering::Acquire))
+                        .map(|interval| self.periodic_left(interval));
+                    match due {
+                        None => self.doorbell.wait(&mut q),
                         Some(left) if left.is_zero() => break,
                         Some(left) => self.doorbell.wait_for(&mut q, left),
-                        None => self.doorbell.wait_for(&mut q, interval),
                     }
                 }
                 self.gather(&mut q);
@@ -664,6 +719,22 @@ impl WalShared {
                 return;
             }
         }
+    }
+
+    /// Time left until the periodic fdatasync is due (zero: due now).
+    fn periodic_left(&self, interval: Duration) -> Duration {
+        let last = Duration::from_micros(self.last_sync_us.load(Ordering::Acquire));
+        (last + interval).saturating_sub(self.started.elapsed())
+    }
+
+    /// Records a finished fdatasync (under `io`).
+    fn note_synced(&self, io: &mut Io) {
+        io.unsynced = false;
+        io.last_sync = Instant::now();
+        let us = u64::try_from(io.last_sync.duration_since(self.started).as_micros())
+            .unwrap_or(u64::MAX);
+        self.last_sync_us.store(us, Ordering::Release);
+        self.unsynced.store(false, Ordering::Release);
     }
 
     /// Commit delay, adaptive. Under a steady load of N concurrent writers, commits would
@@ -716,6 +787,7 @@ impl WalShared {
             return shutdown;
         }
         let has_records = !io.spare.is_empty();
+        let mut newly_unsynced = false;
         if has_records {
             let written = io.write_batch(first, self);
             io.spare.clear();
@@ -724,7 +796,11 @@ impl WalShared {
                 self.end_lead(None);
                 return shutdown;
             }
-            io.unsynced = true;
+            if !io.unsynced {
+                io.unsynced = true;
+                self.unsynced.store(true, Ordering::Release);
+                newly_unsynced = true;
+            }
         }
         let periodic_due = io
             .periodic
@@ -739,13 +815,19 @@ impl WalShared {
                 self.end_lead(None);
                 return shutdown;
             }
-            io.unsynced = false;
-            io.last_sync = Instant::now();
+            self.note_synced(io);
             durable = Some(batch_last);
         } else if !io.unsynced {
             durable = Some(batch_last);
         }
         self.end_lead(Some((batch_last, durable)));
+        if newly_unsynced && io.unsynced && self.periodic.is_some() {
+            // Data is now waiting for the periodic fdatasync: make the writer thread time it
+            // (it sleeps untimed while nothing is unsynced). Ringing under the queue mutex
+            // means the writer is either before its check (and sees `unsynced`) or waiting.
+            let _q = self.queue.lock();
+            self.doorbell.notify_one();
+        }
         shutdown
     }
 }
@@ -756,8 +838,12 @@ impl Io {
         first_lsn: u64,
         shared: &WalShared,
     ) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        // Roll before the batch would take the segment past its size; a segment holding no
+        // record yet takes the batch whatever its size (a batch is never split), so a segment
+        // exceeds its size only when one batch alone is larger.
         let has_records = self.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
-        if self.file_bytes >= self.segment_bytes || (self.roll_requested && has_records) {
+        let would_exceed = self.file_bytes + self.spare.len() as u64 > self.segment_bytes;
+        if has_records && (would_exceed || self.roll_requested) {
             self.roll(first_lsn, shared)?;
         }
         self.roll_requested = false;

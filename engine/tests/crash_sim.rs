@@ -604,11 +604,13 @@ fn describe(trace: &[Event], k: usize) -> &'static str {
             "fdatasync a new segment's header"
         }
         (SyncDir, _) if is(before(3), Create, wal) => "fsync the directory after a new segment",
-        (SyncData, "WAL segment") if is(after, Create, wal) => {
-            "fdatasync sealing a segment before a roll"
-        }
+        // Checked before "sealing": at open, cutting a torn tail is followed by the rewrite of
+        // the last segment, which starts with a create.
         (SyncData, "WAL segment") if is(before(1), Truncate, wal) => {
             "fdatasync a segment after cutting its torn tail"
+        }
+        (SyncData, "WAL segment") if is(after, Create, wal) => {
+            "fdatasync sealing a segment before a roll"
         }
         (Write, "WAL segment") => "write a WAL batch",
         (SyncData, "WAL segment") => "fdatasync the WAL (group commit)",

@@ -164,3 +164,49 @@ fn a_reopen_after_a_failed_fdatasync_does_not_build_on_bytes_the_disk_never_got(
     assert_eq!(db.get("a"), Some(b"acknowledged before".to_vec()));
     assert_eq!(db.get("c"), Some(b"acknowledged after".to_vec()));
 }
+
+#[test]
+fn a_reopen_after_a_failed_fdatasync_of_a_new_segments_header_rewrites_that_header() {
+    let dir = Path::new(STORE);
+    let disk = SimDisk::with_dir(dir);
+    disk.on_fsync_failure(FsyncFailure::LosesPages);
+    let options = sim_options(&disk).wal_segment_bytes(4096);
+    let db = Db::open(dir, options.clone()).unwrap();
+    // Three records of about 1 KiB fill most of a 4 KiB segment; the fourth rolls first.
+    for key in ["a", "b", "c"] {
+        db.set(key, [b'v'; 1000], None).unwrap();
+    }
+    // The roll fdatasyncs the sealed segment, creates the next, writes its header and
+    // fdatasyncs it: that second fdatasync fails, so the header's page never reaches the disk
+    // although reads in this boot still return it.
+    disk.inject(Fault {
+        kind: OpKind::SyncData,
+        nth: disk.calls(OpKind::SyncData) + 1,
+        persistent: false,
+    });
+    assert!(db.set("d", [b'v'; 1000], None).is_err());
+    let segments = disk.listing(dir);
+    let segments: Vec<_> = segments
+        .iter()
+        .filter(|f| f.0.starts_with("wal-"))
+        .collect();
+    assert_eq!(
+        segments.len(),
+        2,
+        "the failure hit a new segment: {segments:?}"
+    );
+    assert_eq!(
+        segments[1].1, SEGMENT_HEADER_BYTES as u64,
+        "which holds only its header"
+    );
+    drop(db);
+    let db = Db::open(dir, options).unwrap();
+    db.set("e", "acknowledged after", None).unwrap();
+    drop(db);
+    let (after_power_loss, fates) = disk.power_loss(1, DirLoss::ForgetUnsynced);
+    let db = Db::open(dir, sim_options(&after_power_loss)).unwrap_or_else(|e| {
+        panic!("the store no longer opens ({e}); acknowledged writes lost. {fates:?}")
+    });
+    assert_eq!(db.get("c"), Some(vec![b'v'; 1000]));
+    assert_eq!(db.get("e"), Some(b"acknowledged after".to_vec()));
+}
