@@ -19,6 +19,7 @@ use crate::clock::MonotonicClock;
 use crate::error::{Error, Result};
 use crate::index::{Index, Shard, Slot, TOUCH_UNIT_MS, entry_bytes};
 use crate::int::parse_i64;
+use crate::marker::{self, CleanClose};
 use crate::options::{Durability, EvictionPolicy, Limits, Options, TTL_MAX};
 use crate::record::{self, Entry};
 use crate::snapshot::{self, SnapshotHeader, SnapshotWriter};
@@ -28,6 +29,10 @@ use crate::wal::{self, Wal, WalScan, WalShared, WalStart};
 /// How far past `snapshot_after_wal_bytes` the WAL may grow before writers take the snapshot
 /// themselves.
 const WAL_OVERDUE_FACTOR: u64 = 4;
+
+/// The longest an observed expiry waits before the maintenance thread makes the clock floor
+/// covering it durable (see `Core::persist_floor`).
+pub(crate) const FLOOR_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Name of the lock file inside a store directory.
 pub const LOCK_FILE: &str = "LOCK";
@@ -369,6 +374,10 @@ struct Core {
     evict_shard_cursor: AtomicU64,
     /// The clock reading (ms) that `Slot::touched` counts from.
     touch_base_ms: u64,
+    /// The latest expiry (Unix ms) that a read, a write or the expirer found passed: the clock
+    /// floor must reach the disk at least this far so the key cannot come back after a restart
+    /// with the clock behind.
+    expired_seen_ms: AtomicU64,
     /// Test hook: runs in every single-key write after its input checks, before it takes the
     /// key's shard lock (where a preempted writer would be).
     #[cfg(test)]
@@ -391,6 +400,9 @@ struct Disk {
     /// (snapshots taken since open, the latest report), apart so `stats` never waits for a
     /// running compaction.
     reports: Mutex<(u64, Option<SnapshotReport>)>,
+    /// The clock floor known to be on disk (Unix ms): the newest record time, snapshot time or
+    /// clean-close floor recovered, raised by `Core::persist_floor`.
+    durable_floor_ms: AtomicU64,
     _lock: Box<dyn DirLock>,
 }
 
@@ -410,6 +422,8 @@ pub struct SnapshotReport {
 struct Inner {
     core: Arc<Core>,
     expirer: Mutex<Option<(Sender<()>, JoinHandle<()>)>>,
+    /// Set by the first shutdown that closed the WAL cleanly (it writes the marker once).
+    marked_clean: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Inner {
@@ -425,7 +439,13 @@ impl Inner {
             let _ = handle.join();
         }
         match &self.core.wal {
-            Some(wal) => wal.shutdown(),
+            Some(wal) => {
+                wal.shutdown()?;
+                if !self.marked_clean.swap(true, Ordering::AcqRel) {
+                    self.core.mark_clean_close();
+                }
+                Ok(())
+            }
             None => Ok(()),
         }
     }
@@ -519,14 +539,20 @@ impl Db {
             storage.remove(&tmp)?;
         }
         for name in storage.list(&dir)? {
-            if name.ends_with(wal::REWRITE_SUFFIX) {
-                // A segment rewrite interrupted before its rename: the original is intact.
+            if name.ends_with(wal::REWRITE_SUFFIX) || name == marker::MARKER_TMP_FILE {
+                // A segment rewrite (or a clean-close marker) interrupted before its rename:
+                // the original is intact.
                 storage.remove(&join(&dir, &name))?;
             }
         }
         // The earliest expiry replayed: if it has passed by the end of replay, expired entries
         // must be dropped (one pass over the index); otherwise that pass is skipped.
         let mut earliest_expiry = u64::MAX;
+        // A clean close recorded the clock then: a clock now behind it must not revive keys.
+        let clean = marker::read(&*storage, &dir);
+        if let Some(m) = &clean {
+            clock.raise_floor(m.floor_ms);
+        }
         let snap = snapshot::load_newest(&*storage, &dir, |key, value, expires_at_ms| {
             let entry = Entry::Put {
                 key,
@@ -559,9 +585,20 @@ impl Db {
             }
         })?;
         clock.raise_floor(scan.max_time_ms);
+        let durable_floor_ms = [
+            clean.map_or(0, |m| m.floor_ms),
+            snap.as_ref().map_or(0, |(h, _)| h.time_ms),
+            scan.max_time_ms,
+        ]
+        .into_iter()
+        .max()
+        .unwrap_or(0);
         let now = clock.now_ms();
+        let mut expired_seen_ms = 0;
         if earliest_expiry <= now {
             memory = purge_expired(&index, now, memory);
+            // Dropped as expired at `now`: the floor must reach the disk past their expiry.
+            expired_seen_ms = now;
         }
         let mut bytes_truncated = 0;
         let mut segments = wal::list_segments(&*storage, &dir)?;
@@ -579,7 +616,21 @@ impl Db {
             }
         }
         let next_lsn = scan.last_lsn + 1;
-        if let Some((_, path)) = segments.last() {
+        // Fast path: the log is exactly what a clean close left (same last record, same last
+        // segment and length, nothing torn), so every byte read was fdatasynced by a store
+        // that saw no failure, and the rewrite below has nothing to make durable.
+        let closed_cleanly = match (&clean, segments.last()) {
+            (Some(m), Some((first, path))) => {
+                scan.torn_tail.is_none()
+                    && m.last_lsn == scan.last_lsn
+                    && m.segment_first_lsn == *first
+                    && storage.len(path)? == m.segment_bytes
+            }
+            _ => false,
+        };
+        if let Some((_, path)) = segments.last()
+            && !closed_cleanly
+        {
             rewrite_segment(&*storage, path)?;
         }
         let (file, file_bytes, active_first) = match segments.last() {
@@ -639,6 +690,7 @@ impl Db {
             compaction: Mutex::new(()),
             appended_at_last: AtomicU64::new(0),
             reports: Mutex::new((0, None)),
+            durable_floor_ms: AtomicU64::new(durable_floor_ms),
             _lock: lock,
         };
         let db = Db::assemble(
@@ -646,7 +698,7 @@ impl Db {
             Some(wal),
             clock,
             &options,
-            memory,
+            (memory, expired_seen_ms),
             Some(recovery),
             Some(disk),
         )?;
@@ -665,7 +717,7 @@ impl Db {
     pub fn memory(options: Options) -> Db {
         let index = Index::new(options.shards);
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
-        Db::assemble(index, None, clock, &options, 0, None, None)
+        Db::assemble(index, None, clock, &options, (0, 0), None, None)
             .expect("the OS refused to start keel's maintenance thread")
     }
 
@@ -674,7 +726,7 @@ impl Db {
         wal: Option<Wal>,
         clock: MonotonicClock,
         options: &Options,
-        memory: u64,
+        (memory, expired_seen_ms): (u64, u64),
         recovery: Option<RecoveryReport>,
         disk: Option<Disk>,
     ) -> Result<Db> {
@@ -694,6 +746,7 @@ impl Db {
             evictions: AtomicU64::new(0),
             evict_shard_cursor: AtomicU64::new(0),
             touch_base_ms,
+            expired_seen_ms: AtomicU64::new(expired_seen_ms),
             #[cfg(test)]
             before_shard_lock: Mutex::new(None),
         });
@@ -703,11 +756,13 @@ impl Db {
         let handle = std::thread::Builder::new()
             .name("keel-maintenance".into())
             .spawn(move || {
+                let mut floor_synced: Option<Instant> = None;
                 // Ticks until the sender is dropped (store closing).
                 while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
                     stop_rx.recv_timeout(interval)
                 {
                     expirer_core.expire_tick();
+                    expirer_core.persist_floor(&mut floor_synced);
                     if expirer_core.snapshot_due() {
                         // A failure poisons nothing: the WAL still holds everything, and the
                         // next tick tries again. Callers see errors through `Db::compact`.
@@ -719,6 +774,7 @@ impl Db {
             inner: Arc::new(Inner {
                 core,
                 expirer: Mutex::new(Some((stop_tx, handle))),
+                marked_clean: std::sync::atomic::AtomicBool::new(false),
             }),
             durability: options.durability,
         })
@@ -810,7 +866,11 @@ impl Db {
         let core = self.core();
         let now = core.clock.now_ms();
         let shard = core.index.shard(core.index.shard_of(key)).read();
-        let slot = shard.map.get(key).filter(|s| s.is_live(now))?;
+        let slot = shard.map.get(key)?;
+        if !slot.is_live(now) {
+            core.saw_expired(slot.expires_at_ms);
+            return None;
+        }
         if core.eviction == EvictionPolicy::AllKeysLru {
             slot.touch(core.touch_at(now));
         }
@@ -824,7 +884,11 @@ impl Db {
         let core = self.core();
         let now = core.clock.now_ms();
         let shard = core.index.shard(core.index.shard_of(key)).read();
-        match shard.map.get(key).filter(|s| s.is_live(now)) {
+        let slot = shard.map.get(key);
+        if let Some(expired) = slot.filter(|s| !s.is_live(now)) {
+            core.saw_expired(expired.expires_at_ms);
+        }
+        match slot.filter(|s| s.is_live(now)) {
             None => Ttl::Missing,
             Some(slot) => match slot.expiry() {
                 None => Ttl::NoExpiry,
@@ -1251,7 +1315,11 @@ impl Db {
         // here must not decide on a time older than what a snapshot or a reader of this key
         // has already acted on (see DESIGN.md, "Time and expiry").
         let now = core.clock.now_ms();
-        let (change, outcome) = decide(shard.map.get(key).filter(|s| s.is_live(now)), now)?;
+        let current = shard.map.get(key);
+        if let Some(expired) = current.filter(|s| !s.is_live(now)) {
+            core.saw_expired(expired.expires_at_ms);
+        }
+        let (change, outcome) = decide(current.filter(|s| s.is_live(now)), now)?;
         let entry = match &change {
             Change::None => return Ok(Pending::ready(outcome)),
             Change::Put {
@@ -1334,10 +1402,11 @@ impl Db {
             .iter()
             .zip(&op_shards)
             .map(|(key, shard_id)| {
-                guards[guard_of(shard_id)]
-                    .map
-                    .get(*key)
-                    .filter(|s| s.is_live(now))
+                let slot = guards[guard_of(shard_id)].map.get(*key);
+                if let Some(expired) = slot.filter(|s| !s.is_live(now)) {
+                    core.saw_expired(expired.expires_at_ms);
+                }
+                slot.filter(|s| s.is_live(now))
                     .map(|s| (&*s.value, s.expires_at_ms))
             })
             .collect();
@@ -1632,6 +1701,58 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, mut memory: u64) -> u64 {
 const EVICTION_SAMPLE: usize = 16;
 
 impl Core {
+    /// Notes that a key expiring at `expires_at_ms` was found expired (its expiry has passed).
+    fn saw_expired(&self, expires_at_ms: u64) {
+        if expires_at_ms > self.expired_seen_ms.load(Ordering::Relaxed) {
+            self.expired_seen_ms
+                .fetch_max(expires_at_ms, Ordering::Relaxed);
+        }
+    }
+
+    /// Makes the clock floor durable past every expiry seen so far, at most once per
+    /// `FLOOR_SYNC_INTERVAL` (the maintenance thread calls it every tick). A record's time is
+    /// the floor a reopen restores, so: if no record appended yet carries a time at or past
+    /// the latest expiry seen, log an empty record stamped "now" (which is past it); then make
+    /// the WAL durable. On an idle store where nothing expires, it does nothing.
+    fn persist_floor(&self, last_sync: &mut Option<Instant>) {
+        let (Some(disk), Some(wal)) = (&self.disk, &self.wal) else {
+            return;
+        };
+        let seen = self.expired_seen_ms.load(Ordering::Relaxed);
+        if seen <= disk.durable_floor_ms.load(Ordering::Relaxed)
+            || last_sync.is_some_and(|t| t.elapsed() < FLOOR_SYNC_INTERVAL)
+        {
+            return;
+        }
+        *last_sync = Some(Instant::now());
+        let wal = wal.shared();
+        let now = self.clock.now_ms();
+        if wal.max_appended_time_ms() < seen && wal.append(now, &[], Durability::Buffered).is_err()
+        {
+            return; // poisoned or closing: nothing more can be made durable
+        }
+        if wal.sync_all().is_ok() {
+            disk.durable_floor_ms.fetch_max(seen, Ordering::Relaxed);
+        }
+    }
+
+    /// Writes the clean-close marker (best effort: without it the next open rewrites the
+    /// last segment and takes the floor from the log). Called once the WAL writer has written
+    /// and fdatasynced everything and stopped.
+    fn mark_clean_close(&self) {
+        let (Some(disk), Some(wal)) = (&self.disk, &self.wal) else {
+            return;
+        };
+        let (segment_first_lsn, segment_bytes) = wal.shared().active_segment();
+        let m = CleanClose {
+            last_lsn: wal.shared().last_appended_lsn(),
+            floor_ms: self.clock.now_ms(),
+            segment_first_lsn,
+            segment_bytes,
+        };
+        let _ = marker::write(&*disk.storage, &disk.dir, m);
+    }
+
     /// `Slot::touched` for the time `now_ms`.
     fn touch_at(&self, now_ms: u64) -> u32 {
         u32::try_from(now_ms.saturating_sub(self.touch_base_ms) / TOUCH_UNIT_MS).unwrap_or(u32::MAX)
@@ -1940,6 +2061,7 @@ impl Core {
                 examined += 1;
                 last = Some(k);
                 if !slot.is_live(now) {
+                    self.saw_expired(slot.expires_at_ms);
                     expired.push(k.clone());
                 }
             }

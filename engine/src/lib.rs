@@ -27,6 +27,7 @@ mod db;
 mod error;
 mod index;
 mod int;
+mod marker;
 mod options;
 pub mod record;
 pub mod snapshot;

@@ -263,6 +263,8 @@ pub(crate) struct WalShared {
     /// True while the segment holds written bytes not yet fdatasynced (mirrors `Io::unsynced`
     /// so the writer thread can plan the periodic fdatasync without taking `io`).
     unsynced: AtomicBool,
+    /// The largest record time appended (Unix ms), since open.
+    max_time_ms: AtomicU64,
     /// When the last fdatasync of the WAL ended, in µs since `started`.
     last_sync_us: AtomicU64,
     /// The origin of `last_sync_us`.
@@ -375,6 +377,7 @@ impl Wal {
             last_batch_records: AtomicU64::new(0),
             periodic,
             unsynced: AtomicBool::new(false),
+            max_time_ms: AtomicU64::new(0),
             last_sync_us: AtomicU64::new(0),
             started: Instant::now(),
             io: Mutex::new(Io {
@@ -464,6 +467,10 @@ impl WalShared {
             }
             let before = q.buf.len();
             q.records += 1;
+            // Under the queue mutex: a plain load and store cannot lose a larger time.
+            if time_ms > self.max_time_ms.load(Ordering::Relaxed) {
+                self.max_time_ms.store(time_ms, Ordering::Relaxed);
+            }
             record::encode_record(&mut q.buf, lsn, time_ms, entries);
             self.appended_bytes
                 .fetch_add((q.buf.len() - before) as u64, Ordering::Relaxed);
@@ -577,6 +584,17 @@ impl WalShared {
         for w in wakers {
             w.wake();
         }
+    }
+
+    /// The largest record time appended since open (Unix ms; 0 if none).
+    pub(crate) fn max_appended_time_ms(&self) -> u64 {
+        self.max_time_ms.load(Ordering::Relaxed)
+    }
+
+    /// (first LSN, length) of the segment being appended to.
+    pub(crate) fn active_segment(&self) -> (u64, u64) {
+        let io = self.io.lock();
+        (self.active_first_lsn(), io.file_bytes)
     }
 
     /// LSN of the last record appended (0 if none yet).
