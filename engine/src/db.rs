@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -345,6 +345,9 @@ pub struct Stats {
     pub last_snapshot: Option<SnapshotReport>,
     /// True if an I/O failure poisoned the store.
     pub poisoned: bool,
+    /// Times a write found the WAL queue over its 64 MiB budget and waited (a blocking
+    /// writer on a condvar, an async one in `Db::writable`) since open.
+    pub backpressure_waits: u64,
 }
 
 /// Result of [`Db::verify`].
@@ -374,6 +377,15 @@ struct Core {
     evict_shard_cursor: AtomicU64,
     /// The clock reading (ms) that `Slot::touched` counts from.
     touch_base_ms: u64,
+    /// Rings the maintenance thread (a snapshot is overdue and an async writer waits for it).
+    maintenance_kick: Sender<()>,
+    /// Async writers waiting for an overdue snapshot (`Writable`), woken after every
+    /// snapshot attempt of the maintenance thread and at close.
+    snapshot_wakers: Mutex<Vec<Waker>>,
+    /// Snapshot attempts the maintenance thread finished since open.
+    snapshot_attempts: AtomicU64,
+    /// Set when the store starts closing (`Writable` then fails with `Closed`).
+    closing: std::sync::atomic::AtomicBool,
     /// The latest expiry (Unix ms) that a read, a write or the expirer found passed: the clock
     /// floor must reach the disk at least this far so the key cannot come back after a restart
     /// with the clock behind.
@@ -434,6 +446,8 @@ impl Drop for Inner {
 
 impl Inner {
     fn shutdown(&self) -> Result<()> {
+        self.core.closing.store(true, Ordering::Release);
+        self.core.wake_snapshot_waiters();
         if let Some((stop, handle)) = self.expirer.lock().take() {
             drop(stop);
             let _ = handle.join();
@@ -457,6 +471,8 @@ impl Inner {
 pub struct Db {
     inner: Arc<Inner>,
     durability: Durability,
+    /// Writes through this handle never wait in backpressure (see `Db::for_async`).
+    nonblocking: bool,
 }
 
 impl std::fmt::Debug for Db {
@@ -670,6 +686,7 @@ impl Db {
             segment_bytes: options.wal_segment_bytes,
             periodic,
             active_first_lsn: active_first,
+            queue_bytes_max: options.wal_queue_bytes,
         })?;
         let keys = (0..index.shard_count())
             .map(|i| index.shard(i).read().map.len() as u64)
@@ -731,6 +748,7 @@ impl Db {
         disk: Option<Disk>,
     ) -> Result<Db> {
         let touch_base_ms = clock.now_ms();
+        let (kick_tx, kick_rx) = bounded::<()>(1);
         let core = Arc::new(Core {
             index,
             wal,
@@ -747,6 +765,10 @@ impl Db {
             evict_shard_cursor: AtomicU64::new(0),
             touch_base_ms,
             expired_seen_ms: AtomicU64::new(expired_seen_ms),
+            maintenance_kick: kick_tx,
+            snapshot_wakers: Mutex::new(Vec::new()),
+            snapshot_attempts: AtomicU64::new(0),
+            closing: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             before_shard_lock: Mutex::new(None),
         });
@@ -756,19 +778,32 @@ impl Db {
         let handle = std::thread::Builder::new()
             .name("keel-maintenance".into())
             .spawn(move || {
+                let core = expirer_core;
                 let mut floor_synced: Option<Instant> = None;
-                // Ticks until the sender is dropped (store closing).
-                while let Err(crossbeam_channel::RecvTimeoutError::Timeout) =
-                    stop_rx.recv_timeout(interval)
-                {
-                    expirer_core.expire_tick();
-                    expirer_core.persist_floor(&mut floor_synced);
-                    if expirer_core.snapshot_due() {
+                let mut next_tick = Instant::now() + interval;
+                loop {
+                    let wait = next_tick.saturating_duration_since(Instant::now());
+                    // Runs until the stop sender is dropped (store closing). A kick (an async
+                    // writer waiting for an overdue snapshot) only runs the snapshot check.
+                    crossbeam_channel::select! {
+                        recv(stop_rx) -> _ => break,
+                        recv(kick_rx) -> _ => {}
+                        default(wait) => {}
+                    }
+                    if Instant::now() >= next_tick {
+                        core.expire_tick();
+                        core.persist_floor(&mut floor_synced);
+                        next_tick = Instant::now() + interval;
+                    }
+                    if core.snapshot_due() {
                         // A failure poisons nothing: the WAL still holds everything, and the
                         // next tick tries again. Callers see errors through `Db::compact`.
-                        let _ = expirer_core.compact_when(Core::snapshot_due);
+                        let _ = core.compact_when(Core::snapshot_due);
+                        core.snapshot_attempts.fetch_add(1, Ordering::AcqRel);
                     }
+                    core.wake_snapshot_waiters();
                 }
+                core.wake_snapshot_waiters();
             })?;
         Ok(Db {
             inner: Arc::new(Inner {
@@ -777,6 +812,7 @@ impl Db {
                 marked_clean: std::sync::atomic::AtomicBool::new(false),
             }),
             durability: options.durability,
+            nonblocking: false,
         })
     }
 
@@ -822,6 +858,35 @@ impl Db {
         Db {
             inner: Arc::clone(&self.inner),
             durability,
+            nonblocking: self.nonblocking,
+        }
+    }
+
+    /// A handle to the same store for async callers: its writes never block the calling
+    /// thread. They skip the two waits a write may otherwise do before it is applied (for the
+    /// WAL queue to drain under its 64 MiB budget, and for an overdue snapshot, which a
+    /// blocking writer takes itself); instead, await [`Db::writable`] before each write, which
+    /// waits for both without blocking (the overdue snapshot is taken by the maintenance
+    /// thread). What is left on the calling thread are short shard-lock and queue-mutex holds.
+    pub fn for_async(&self) -> Db {
+        Db {
+            inner: Arc::clone(&self.inner),
+            durability: self.durability,
+            nonblocking: true,
+        }
+    }
+
+    /// Resolves once a write can be submitted without exceeding the store's backpressure
+    /// bounds: the WAL queue is under its byte budget, and no snapshot is overdue (or the
+    /// maintenance thread has finished an attempt at it since this future was first polled).
+    /// A `Future` woken by the WAL writer and the maintenance thread: it never blocks.
+    ///
+    /// # Errors
+    /// `Poisoned` if an I/O failure poisoned the store, `Closed` once it is closing.
+    pub fn writable(&self) -> Writable {
+        Writable {
+            db: self.clone(),
+            attempts_at_start: None,
         }
     }
 
@@ -960,6 +1025,10 @@ impl Db {
             snapshots: core.disk.as_ref().map_or(0, |d| d.reports.lock().0),
             last_snapshot: core.disk.as_ref().and_then(|d| d.reports.lock().1.clone()),
             poisoned,
+            backpressure_waits: core
+                .wal
+                .as_ref()
+                .map_or(0, |w| w.shared().backpressure_waits()),
         }
     }
 
@@ -1274,6 +1343,13 @@ impl Db {
         let core = self.core();
         if let Some(wal) = &core.wal {
             wal.shared().check_poison()?;
+            if self.nonblocking {
+                // The caller awaited `writable` (or chose not to wait): never block here.
+                if core.snapshot_overdue() {
+                    let _ = core.maintenance_kick.try_send(());
+                }
+                return Ok(());
+            }
             if core.snapshot_overdue() {
                 // Backpressure: the WAL is 4x past its snapshot threshold. Take the snapshot
                 // here (no lock held; concurrent writers queue on the compaction mutex and
@@ -1700,7 +1776,66 @@ fn apply_replayed(index: &Index, entry: &Entry<'_>, mut memory: u64) -> u64 {
 /// Candidates eviction examines per shard visit (like Redis's `maxmemory-samples`).
 const EVICTION_SAMPLE: usize = 16;
 
+/// The future of [`Db::writable`].
+#[must_use = "a future does nothing unless awaited"]
+pub struct Writable {
+    db: Db,
+    /// `snapshot_attempts` when an overdue snapshot was first seen.
+    attempts_at_start: Option<u64>,
+}
+
+impl Future for Writable {
+    type Output = Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let this = &mut *self;
+        let core = this.db.core();
+        let Some(wal) = &core.wal else {
+            return Poll::Ready(Ok(()));
+        };
+        if let Err(e) = wal.shared().check_poison() {
+            return Poll::Ready(Err(e));
+        }
+        if core.closing.load(Ordering::Acquire) {
+            return Poll::Ready(Err(Error::Closed));
+        }
+        if core.snapshot_overdue() {
+            let attempts = core.snapshot_attempts.load(Ordering::Acquire);
+            let start = *this.attempts_at_start.get_or_insert(attempts);
+            if attempts == start {
+                // Register first, then ask and re-check: an attempt that ends after the
+                // re-check wakes this waker (it is in the list before the check).
+                {
+                    let mut wakers = core.snapshot_wakers.lock();
+                    if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                        wakers.push(cx.waker().clone());
+                    }
+                }
+                let _ = core.maintenance_kick.try_send(());
+                if core.snapshot_overdue()
+                    && core.snapshot_attempts.load(Ordering::Acquire) == start
+                    && !core.closing.load(Ordering::Acquire)
+                {
+                    return Poll::Pending;
+                }
+            }
+        }
+        if !wal.shared().poll_space(cx.waker()) {
+            return Poll::Pending;
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 impl Core {
+    /// Wakes every async writer waiting for an overdue snapshot.
+    fn wake_snapshot_waiters(&self) {
+        let wakers = std::mem::take(&mut *self.snapshot_wakers.lock());
+        for w in wakers {
+            w.wake();
+        }
+    }
+
     /// Notes that a key expiring at `expires_at_ms` was found expired (its expiry has passed).
     fn saw_expired(&self, expires_at_ms: u64) {
         if expires_at_ms > self.expired_seen_ms.load(Ordering::Relaxed) {

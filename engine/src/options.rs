@@ -123,10 +123,14 @@ pub struct Options {
     pub(crate) lock_wait: Duration,
     pub(crate) max_memory: Option<u64>,
     pub(crate) eviction: EvictionPolicy,
+    pub(crate) wal_queue_bytes: usize,
 }
 
 /// Default WAL growth that triggers an automatic snapshot: 128 MiB.
 pub const SNAPSHOT_AFTER_WAL_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
+
+/// Default byte budget of the WAL's append queue: 64 MiB.
+pub const WAL_QUEUE_BYTES_DEFAULT: usize = crate::wal::QUEUE_BYTES_MAX_DEFAULT;
 
 /// Default WAL segment size: 64 MiB.
 pub const WAL_SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
@@ -154,6 +158,7 @@ impl Default for Options {
             lock_wait: Duration::ZERO,
             max_memory: None,
             eviction: EvictionPolicy::NoEviction,
+            wal_queue_bytes: WAL_QUEUE_BYTES_DEFAULT,
         }
     }
 }
@@ -172,6 +177,7 @@ impl fmt::Debug for Options {
             .field("lock_wait", &self.lock_wait)
             .field("max_memory", &self.max_memory)
             .field("eviction", &self.eviction)
+            .field("wal_queue_bytes", &self.wal_queue_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -296,6 +302,14 @@ impl Options {
     /// on the maintenance thread every expiry tick.
     pub fn snapshot_after_wal_bytes(mut self, bytes: u64) -> Self {
         self.snapshot_after_wal_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Bytes of written-but-not-yet-handed-to-the-OS WAL records the store may hold before a
+    /// write waits for the WAL writer (backpressure; default 64 MiB, at least 64 KiB). Bounds
+    /// memory when writers outrun the disk (`Periodic`, `Buffered`).
+    pub fn wal_queue_bytes(mut self, bytes: usize) -> Self {
+        self.wal_queue_bytes = bytes.max(64 * 1024);
         self
     }
 

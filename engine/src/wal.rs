@@ -28,9 +28,9 @@ use crate::sync::{self, Arc, AtomicBool, AtomicU64, Condvar, JoinHandle, Mutex, 
 /// are still re-appending: well under one fdatasync on SSDs (~100 µs and more).
 const COMMIT_DELAY_MAX: Duration = Duration::from_micros(50);
 
-/// Bytes the append queue may hold before appenders wait for the writer: bounds memory when
-/// the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
-pub(crate) const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Default bytes the append queue may hold before appenders wait for the writer: bounds
+/// memory when the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
+pub(crate) const QUEUE_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 
 const SEGMENT_PREFIX: &str = "wal-";
 const SEGMENT_SUFFIX: &str = ".log";
@@ -275,6 +275,10 @@ pub(crate) struct WalShared {
     active_first_lsn: AtomicU64,
     segments: AtomicU64,
     fsyncs: AtomicU64,
+    /// Writes that found the queue over its budget and had to wait (blocking or async).
+    backpressure_waits: AtomicU64,
+    /// The queue's byte budget (`Options::wal_queue_bytes`).
+    queue_bytes_max: usize,
 }
 
 struct Queue {
@@ -286,6 +290,9 @@ struct Queue {
     needs_sync: bool,
     roll: bool,
     shutdown: bool,
+    /// Async writers waiting for the queue to drain below its budget (`poll_space`); woken,
+    /// like `queue_space`, whenever a commit takes the queue.
+    space_wakers: Vec<Waker>,
 }
 
 #[derive(Default)]
@@ -316,6 +323,8 @@ pub(crate) struct WalStart {
     pub(crate) periodic: Option<Duration>,
     /// First LSN of the active segment.
     pub(crate) active_first_lsn: u64,
+    /// Bytes the append queue may hold before writers wait.
+    pub(crate) queue_bytes_max: usize,
 }
 
 /// The WAL: the shared state plus the writer thread.
@@ -353,6 +362,7 @@ impl Wal {
             segment_bytes,
             periodic,
             active_first_lsn,
+            queue_bytes_max,
         } = s;
         let last = next_lsn - 1;
         let shared = Arc::new(WalShared {
@@ -364,6 +374,7 @@ impl Wal {
                 needs_sync: false,
                 roll: false,
                 shutdown: false,
+                space_wakers: Vec::new(),
             }),
             queue_space: Condvar::new(),
             doorbell: Condvar::new(),
@@ -397,6 +408,8 @@ impl Wal {
             active_first_lsn: AtomicU64::new(active_first_lsn),
             segments: AtomicU64::new(segments),
             fsyncs: AtomicU64::new(0),
+            backpressure_waits: AtomicU64::new(0),
+            queue_bytes_max,
         });
         let background = Arc::clone(&shared);
         let handle = sync::spawn("keel-wal-writer", move || background.run_background())?;
@@ -416,6 +429,9 @@ impl Wal {
             let mut q = self.shared.queue.lock();
             q.shutdown = true;
             q.needs_sync = true;
+            for w in std::mem::take(&mut q.space_wakers) {
+                w.wake();
+            }
         }
         self.shared.doorbell.notify_one();
         if let Some(handle) = self.writer.lock().take() {
@@ -438,12 +454,35 @@ impl WalShared {
     /// Waits (without holding any lock) while the queue is over its byte budget.
     pub(crate) fn throttle(&self) {
         let mut q = self.queue.lock();
-        while q.buf.len() >= QUEUE_BYTES_MAX
+        let mut waited = false;
+        while q.buf.len() >= self.queue_bytes_max
             && !q.shutdown
             && !self.poisoned.load(Ordering::Acquire)
         {
+            if !waited {
+                waited = true;
+                self.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+            }
             self.queue_space.wait(&mut q);
         }
+    }
+
+    /// The non-blocking `throttle` for async writers: `true` when the queue is under its byte
+    /// budget (or the store is closing or poisoned: the write then fails on its own), else
+    /// registers `waker`, which the next commit to take the queue wakes.
+    pub(crate) fn poll_space(&self, waker: &Waker) -> bool {
+        let mut q = self.queue.lock();
+        if q.buf.len() < self.queue_bytes_max || q.shutdown || self.poisoned.load(Ordering::Acquire)
+        {
+            return true;
+        }
+        if !q.space_wakers.iter().any(|w| w.will_wake(waker)) {
+            q.space_wakers.push(waker.clone());
+        }
+        self.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+        // The writer checks for work under the queue mutex: ring so a full queue is taken.
+        self.doorbell.notify_one();
+        false
     }
 
     /// Appends one record holding `entries`, stamped with `time_ms`; returns its LSN. Call with
@@ -579,9 +618,10 @@ impl WalShared {
         *self.poison_reason.lock() = Some(format!("{what}: {err}"));
         self.poisoned.store(true, Ordering::Release);
         let wakers = std::mem::take(&mut self.sync.lock().wakers);
+        let space_wakers = std::mem::take(&mut self.queue.lock().space_wakers);
         self.synced.notify_all();
         self.queue_space.notify_all();
-        for w in wakers {
+        for w in wakers.into_iter().chain(space_wakers) {
             w.wake();
         }
     }
@@ -696,6 +736,11 @@ impl WalShared {
         )
     }
 
+    /// Times a write had to wait for the queue to drain under its budget.
+    pub(crate) fn backpressure_waits(&self) -> u64 {
+        self.backpressure_waits.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }
@@ -788,16 +833,23 @@ impl WalShared {
     /// elapsed, or the store is closing), and publishes. Returns whether shutdown was asked.
     fn lead(&self, io: &mut Io) -> bool {
         self.sync.lock().leading = true;
-        let (batch_last, first, needs_sync, shutdown) = {
+        let ((batch_last, first, needs_sync, shutdown), space_wakers) = {
             let mut q = self.queue.lock();
             std::mem::swap(&mut q.buf, &mut io.spare);
             let records = std::mem::take(&mut q.records);
             self.last_batch_records.store(records, Ordering::Relaxed);
             let needs_sync = std::mem::take(&mut q.needs_sync);
             io.roll_requested |= std::mem::take(&mut q.roll);
-            (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
+            let space_wakers = std::mem::take(&mut q.space_wakers);
+            (
+                (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown),
+                space_wakers,
+            )
         };
         self.queue_space.notify_all();
+        for w in space_wakers {
+            w.wake();
+        }
         if self.is_poisoned() {
             // Nothing more reaches the disk; waiters were woken with the poison.
             io.spare.clear();
@@ -974,6 +1026,7 @@ mod loom_tests {
             segment_bytes: u64::MAX,
             periodic: None,
             active_first_lsn: 1,
+            queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
         })
         .expect("start");
         (wal, bytes)
