@@ -700,6 +700,16 @@ impl Db {
             last_lsn: scan.last_lsn,
             duration: started.elapsed(),
         };
+        tracing::debug!(
+            snapshot_lsn,
+            segments = recovery.segments,
+            records = recovery.records,
+            bytes_truncated,
+            keys,
+            closed_cleanly,
+            duration_ms = recovery.duration.as_millis() as u64,
+            "keel-engine: recovered"
+        );
         let disk = Disk {
             dir,
             storage,
@@ -1868,6 +1878,7 @@ impl Core {
         }
         if wal.sync_all().is_ok() {
             disk.durable_floor_ms.fetch_max(seen, Ordering::Relaxed);
+            tracing::trace!(floor_ms = seen, "keel-engine: clock floor made durable");
         }
     }
 
@@ -1931,8 +1942,15 @@ impl Core {
         }
         let shards = self.index.shard_count();
         let mut fruitless = 0;
+        let evictions_before = self.evictions.load(Ordering::Relaxed);
+        let evicted = |core: &Core| core.evictions.load(Ordering::Relaxed) - evictions_before;
         while over(self) {
             if fruitless > 2 * shards {
+                tracing::debug!(
+                    evicted = evicted(self),
+                    growth,
+                    "keel-engine: write refused, nothing left to evict"
+                );
                 return Err(refuse());
             }
             let evicted = match own.as_deref_mut().filter(|_| fruitless == 0) {
@@ -1948,6 +1966,11 @@ impl Core {
             };
             fruitless = if evicted { 0 } else { fruitless + 1 };
         }
+        tracing::trace!(
+            evicted = evicted(self),
+            growth,
+            "keel-engine: evicted to make room"
+        );
         Ok(())
     }
 
@@ -2087,6 +2110,13 @@ impl Core {
             segments_deleted,
             duration: started.elapsed(),
         };
+        tracing::debug!(
+            lsn,
+            entries,
+            segments_deleted,
+            duration_ms = report.duration.as_millis() as u64,
+            "keel-engine: snapshot taken"
+        );
         let mut reports = disk.reports.lock();
         reports.0 += 1;
         reports.1 = Some(report.clone());
@@ -2179,6 +2209,7 @@ impl Core {
     /// bound keeps every shard-lock hold short whatever expires at once.
     fn expire_tick(&self) {
         let now = self.clock.now_ms();
+        let reclaimed_before = self.expired_reclaimed.load(Ordering::Relaxed);
         for i in 0..self.index.shard_count() {
             let mut shard = self.index.shard(i).write();
             let lower = match &shard.expire_cursor {
@@ -2225,6 +2256,10 @@ impl Core {
                     .fetch_add(expired.len() as u64, Ordering::Relaxed);
             }
             shard.expire_cursor = next_cursor;
+        }
+        let reclaimed = self.expired_reclaimed.load(Ordering::Relaxed) - reclaimed_before;
+        if reclaimed > 0 {
+            tracing::debug!(reclaimed, "keel-engine: expirer reclaimed keys");
         }
     }
 }

@@ -615,6 +615,7 @@ impl WalShared {
     }
 
     fn poison(&self, what: &str, err: &std::io::Error) {
+        tracing::debug!(what, error = %err, "keel-engine: store poisoned");
         *self.poison_reason.lock() = Some(format!("{what}: {err}"));
         self.poisoned.store(true, Ordering::Release);
         let wakers = std::mem::take(&mut self.sync.lock().wakers);
@@ -833,7 +834,7 @@ impl WalShared {
     /// elapsed, or the store is closing), and publishes. Returns whether shutdown was asked.
     fn lead(&self, io: &mut Io) -> bool {
         self.sync.lock().leading = true;
-        let ((batch_last, first, needs_sync, shutdown), space_wakers) = {
+        let ((batch_last, first, needs_sync, shutdown), space_wakers, records) = {
             let mut q = self.queue.lock();
             std::mem::swap(&mut q.buf, &mut io.spare);
             let records = std::mem::take(&mut q.records);
@@ -844,6 +845,7 @@ impl WalShared {
             (
                 (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown),
                 space_wakers,
+                records,
             )
         };
         self.queue_space.notify_all();
@@ -857,6 +859,7 @@ impl WalShared {
             return shutdown;
         }
         let has_records = !io.spare.is_empty();
+        let batch_bytes = io.spare.len();
         let mut newly_unsynced = false;
         if has_records {
             let written = io.write_batch(first, self);
@@ -876,9 +879,13 @@ impl WalShared {
             .periodic
             .is_some_and(|iv| io.unsynced && io.last_sync.elapsed() >= iv);
         let mut durable = None;
+        let mut fsync_us = None;
         if io.unsynced && (needs_sync || periodic_due || shutdown) {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = io.file.sync_data() {
+            let sync_started = Instant::now();
+            let synced = io.file.sync_data();
+            fsync_us = Some(sync_started.elapsed().as_micros() as u64);
+            if let Err(e) = synced {
                 // Never retry an fsync and acknowledge: the kernel may have dropped the
                 // dirty pages (fsyncgate). Poison and make every waiter fail.
                 self.poison("fdatasync of the WAL failed", &e);
@@ -891,6 +898,13 @@ impl WalShared {
             durable = Some(batch_last);
         }
         self.end_lead(Some((batch_last, durable)));
+        tracing::trace!(
+            records,
+            bytes = batch_bytes,
+            fsync_us,
+            periodic_due,
+            "keel-engine: WAL group commit"
+        );
         if newly_unsynced && io.unsynced && self.periodic.is_some() {
             // Data is now waiting for the periodic fdatasync: make the writer thread time it
             // (it sleeps untimed while nothing is unsynced). Ringing under the queue mutex
@@ -959,6 +973,7 @@ impl Io {
             .fetch_add(header.len() as u64, Ordering::Relaxed);
         shared.segments.fetch_add(1, Ordering::Relaxed);
         shared.active_first_lsn.store(first_lsn, Ordering::Release);
+        tracing::debug!(first_lsn, "keel-engine: WAL rolled to a new segment");
         Ok(())
     }
 }
