@@ -279,6 +279,9 @@ pub(crate) struct WalShared {
     backpressure_waits: AtomicU64,
     /// The queue's byte budget (`Options::wal_queue_bytes`).
     queue_bytes_max: usize,
+    /// Bytes in the queue, mirrored (stored under the queue mutex) so `poll_space` can answer
+    /// "under budget" without taking the mutex.
+    queued_bytes: AtomicU64,
 }
 
 struct Queue {
@@ -410,6 +413,7 @@ impl Wal {
             fsyncs: AtomicU64::new(0),
             backpressure_waits: AtomicU64::new(0),
             queue_bytes_max,
+            queued_bytes: AtomicU64::new(0),
         });
         let background = Arc::clone(&shared);
         let handle = sync::spawn("keel-wal-writer", move || background.run_background())?;
@@ -471,6 +475,10 @@ impl WalShared {
     /// budget (or the store is closing or poisoned: the write then fails on its own), else
     /// registers `waker`, which the next commit to take the queue wakes.
     pub(crate) fn poll_space(&self, waker: &Waker) -> bool {
+        // Fast path, no mutex: the budget is soft (concurrent writers may each add a record).
+        if self.queued_bytes.load(Ordering::Relaxed) < self.queue_bytes_max as u64 {
+            return true;
+        }
         let mut q = self.queue.lock();
         if q.buf.len() < self.queue_bytes_max || q.shutdown || self.poisoned.load(Ordering::Acquire)
         {
@@ -511,6 +519,8 @@ impl WalShared {
                 self.max_time_ms.store(time_ms, Ordering::Relaxed);
             }
             record::encode_record(&mut q.buf, lsn, time_ms, entries);
+            self.queued_bytes
+                .store(q.buf.len() as u64, Ordering::Relaxed);
             self.appended_bytes
                 .fetch_add((q.buf.len() - before) as u64, Ordering::Relaxed);
             if durability == Durability::Immediate {
@@ -837,6 +847,8 @@ impl WalShared {
         let ((batch_last, first, needs_sync, shutdown), space_wakers, records) = {
             let mut q = self.queue.lock();
             std::mem::swap(&mut q.buf, &mut io.spare);
+            self.queued_bytes
+                .store(q.buf.len() as u64, Ordering::Relaxed);
             let records = std::mem::take(&mut q.records);
             self.last_batch_records.store(records, Ordering::Relaxed);
             let needs_sync = std::mem::take(&mut q.needs_sync);
