@@ -106,6 +106,15 @@ pub enum Error {
         "store is poisoned by an earlier I/O failure ({0}); writes are refused, reopen the store to recover"
     )]
     Poisoned(String),
+    /// A setting in `Options` is outside what the store supports (for example a size limit
+    /// above the on-disk format's ceiling). Nothing was opened or created; fix the setting.
+    #[error("invalid option {option}: {reason}")]
+    InvalidOption {
+        /// The setting.
+        option: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The store has been closed.
     #[error("store is closed")]
     Closed,

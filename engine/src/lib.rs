@@ -27,6 +27,7 @@ mod db;
 mod error;
 mod index;
 mod int;
+mod marker;
 mod options;
 pub mod record;
 pub mod snapshot;
@@ -37,14 +38,15 @@ mod wal;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use db::{
     Batch, Db, LOCK_FILE, Op, Outcome, Pending, RecoveryReport, SCAN_LIMIT_MAX, ScanCursor,
-    ScanEntry, ScanPage, SnapshotReport, Stats, Ttl, TtlPolicy, VerifyReport, lock_path,
+    ScanEntry, ScanPage, SnapshotReport, Stats, Ttl, TtlPolicy, VerifyReport, Writable, lock_path,
 };
 pub use error::{Error, Result};
 pub use int::parse_i64;
 pub use options::{
-    BATCH_BYTES_MAX_DEFAULT, BATCH_OPS_MAX_DEFAULT, Durability, EXPIRE_INTERVAL_DEFAULT,
-    EXPIRE_SCAN_PER_SHARD_DEFAULT, EvictionPolicy, KEY_BYTES_MAX_DEFAULT, Limits, Options,
-    SHARDS_DEFAULT, SNAPSHOT_AFTER_WAL_BYTES_DEFAULT, TTL_MAX, VALUE_BYTES_MAX_DEFAULT,
+    BATCH_BYTES_CEILING, BATCH_BYTES_MAX_DEFAULT, BATCH_OPS_MAX_DEFAULT, Durability,
+    EXPIRE_INTERVAL_DEFAULT, EXPIRE_SCAN_PER_SHARD_DEFAULT, EvictionPolicy, KEY_BYTES_CEILING,
+    KEY_BYTES_MAX_DEFAULT, Limits, Options, SHARDS_DEFAULT, SNAPSHOT_AFTER_WAL_BYTES_DEFAULT,
+    TTL_MAX, VALUE_BYTES_CEILING, VALUE_BYTES_MAX_DEFAULT, WAL_QUEUE_BYTES_DEFAULT,
     WAL_SEGMENT_BYTES_DEFAULT,
 };
 pub use wal::{TornTail, WalScan};

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::clock::{Clock, SystemClock};
+use crate::error::{Error, Result};
+use crate::record::RECORD_BODY_BYTES_MAX;
 use crate::storage::{FsStorage, Storage};
 
 /// The longest TTL accepted: 10 years (3,650 days). Longer TTLs are an
@@ -19,9 +21,11 @@ pub enum Durability {
     /// share one fdatasync (group commit). Survives process crash and power loss. The default.
     #[default]
     Immediate,
-    /// Return after the WAL writer has handed the record to the OS (`write(2)`); fdatasync runs
-    /// in the background at least this often. Survives a process crash; a power loss can lose
-    /// up to the interval's worth of acknowledged writes.
+    /// Return after the WAL writer has handed the record to the OS (`write(2)`); while written
+    /// data is not yet synced, the background fdatasyncs are at most this interval apart.
+    /// Survives a process crash; a power loss can lose up to the interval's worth of
+    /// acknowledged writes. The interval must be above zero (`Db::open` refuses
+    /// `Periodic(Duration::ZERO)` with [`Error::InvalidOption`]).
     Periodic(Duration),
     /// Return as soon as the record is queued for the WAL writer; the OS decides when it
     /// reaches disk. A process crash can lose the queued records (microseconds' worth), a power
@@ -51,10 +55,31 @@ pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 pub const BATCH_OPS_MAX_DEFAULT: usize = 10_000;
 /// Default for [`Limits::max_batch_bytes`].
 pub const BATCH_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
-/// The hard ceiling for any configured key limit: WAL entries frame keys with a `u16` length.
+/// The largest [`Limits::max_key_bytes`] a store accepts: WAL entries and snapshot entries
+/// frame keys with a `u16` length.
 pub const KEY_BYTES_CEILING: usize = u16::MAX as usize;
-/// The hard ceiling for any configured value or batch limit: one WAL record must fit a `u32`.
-pub const RECORD_BYTES_CEILING: usize = 1 << 30;
+/// Bytes a Put entry takes in a record body besides its key and value (tag, key length,
+/// expiry, value length).
+const PUT_ENTRY_OVERHEAD_BYTES: usize = 1 + 2 + 8 + 4;
+/// Bytes of a record body's entry count.
+const RECORD_COUNT_BYTES: usize = 4;
+/// The largest [`Limits::max_value_bytes`] a store accepts: a set of a key of
+/// [`KEY_BYTES_CEILING`] bytes to a value of this size is one record whose body is exactly the
+/// largest the WAL decoder accepts ([`RECORD_BODY_BYTES_MAX`], 1 GiB).
+pub const VALUE_BYTES_CEILING: usize =
+    RECORD_BODY_BYTES_MAX - RECORD_COUNT_BYTES - PUT_ENTRY_OVERHEAD_BYTES - KEY_BYTES_CEILING;
+/// The largest [`Limits::max_batch_bytes`] a store accepts: a batch is one record, and its
+/// counted bytes are that record's body.
+pub const BATCH_BYTES_CEILING: usize = RECORD_BODY_BYTES_MAX;
+
+const _: () = assert!(
+    RECORD_COUNT_BYTES + PUT_ENTRY_OVERHEAD_BYTES + KEY_BYTES_CEILING + VALUE_BYTES_CEILING
+        == RECORD_BODY_BYTES_MAX
+);
+const _: () = assert!(VALUE_BYTES_CEILING <= u32::MAX as usize);
+const _: () = assert!(VALUE_BYTES_MAX_DEFAULT <= VALUE_BYTES_CEILING);
+const _: () = assert!(BATCH_BYTES_MAX_DEFAULT <= BATCH_BYTES_CEILING);
+const _: () = assert!(KEY_BYTES_MAX_DEFAULT <= KEY_BYTES_CEILING);
 
 impl Default for Limits {
     fn default() -> Self {
@@ -98,10 +123,14 @@ pub struct Options {
     pub(crate) lock_wait: Duration,
     pub(crate) max_memory: Option<u64>,
     pub(crate) eviction: EvictionPolicy,
+    pub(crate) wal_queue_bytes: usize,
 }
 
 /// Default WAL growth that triggers an automatic snapshot: 128 MiB.
 pub const SNAPSHOT_AFTER_WAL_BYTES_DEFAULT: u64 = 128 * 1024 * 1024;
+
+/// Default byte budget of the WAL's append queue: 64 MiB.
+pub const WAL_QUEUE_BYTES_DEFAULT: usize = crate::wal::QUEUE_BYTES_MAX_DEFAULT;
 
 /// Default WAL segment size: 64 MiB.
 pub const WAL_SEGMENT_BYTES_DEFAULT: u64 = 64 * 1024 * 1024;
@@ -129,6 +158,7 @@ impl Default for Options {
             lock_wait: Duration::ZERO,
             max_memory: None,
             eviction: EvictionPolicy::NoEviction,
+            wal_queue_bytes: WAL_QUEUE_BYTES_DEFAULT,
         }
     }
 }
@@ -147,6 +177,7 @@ impl fmt::Debug for Options {
             .field("lock_wait", &self.lock_wait)
             .field("max_memory", &self.max_memory)
             .field("eviction", &self.eviction)
+            .field("wal_queue_bytes", &self.wal_queue_bytes)
             .finish_non_exhaustive()
     }
 }
@@ -158,15 +189,58 @@ impl Options {
         self
     }
 
-    /// Size limits. Values above the format's ceilings are clamped to them.
+    /// Size limits. Each must be at most its ceiling ([`KEY_BYTES_CEILING`],
+    /// [`VALUE_BYTES_CEILING`], [`BATCH_BYTES_CEILING`]: what the on-disk format can frame);
+    /// `Db::open` refuses a larger one with [`Error::InvalidOption`].
     pub fn limits(mut self, limits: Limits) -> Self {
-        self.limits = Limits {
-            max_key_bytes: limits.max_key_bytes.min(KEY_BYTES_CEILING),
-            max_value_bytes: limits.max_value_bytes.min(RECORD_BYTES_CEILING),
-            max_batch_ops: limits.max_batch_ops,
-            max_batch_bytes: limits.max_batch_bytes.min(RECORD_BYTES_CEILING),
-        };
+        self.limits = limits;
         self
+    }
+
+    /// Checks the settings against what the store supports; `Db::open` calls it before it
+    /// touches the directory.
+    ///
+    /// # Errors
+    /// [`Error::InvalidOption`] naming the setting: a limit above its ceiling (a write under
+    /// it could be acknowledged and then not read back), or `Durability::Periodic` with a zero
+    /// interval.
+    pub fn validate(&self) -> Result<()> {
+        let over = |option: &'static str, value: usize, ceiling: usize| {
+            if value > ceiling {
+                Err(Error::InvalidOption {
+                    option,
+                    reason: format!(
+                        "{value} is above {ceiling}, the most the on-disk format can hold"
+                    ),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        over(
+            "max_key_bytes",
+            self.limits.max_key_bytes,
+            KEY_BYTES_CEILING,
+        )?;
+        over(
+            "max_value_bytes",
+            self.limits.max_value_bytes,
+            VALUE_BYTES_CEILING,
+        )?;
+        over(
+            "max_batch_bytes",
+            self.limits.max_batch_bytes,
+            BATCH_BYTES_CEILING,
+        )?;
+        if self.durability == Durability::Periodic(Duration::ZERO) {
+            return Err(Error::InvalidOption {
+                option: "durability",
+                reason: "Periodic needs an interval above zero (for an fdatasync before every \
+                         acknowledgement use Immediate)"
+                    .into(),
+            });
+        }
+        Ok(())
     }
 
     /// The clock expiry is measured against (default: the system clock).
@@ -228,6 +302,14 @@ impl Options {
     /// on the maintenance thread every expiry tick.
     pub fn snapshot_after_wal_bytes(mut self, bytes: u64) -> Self {
         self.snapshot_after_wal_bytes = bytes.max(4096);
+        self
+    }
+
+    /// Bytes of written-but-not-yet-handed-to-the-OS WAL records the store may hold before a
+    /// write waits for the WAL writer (backpressure; default 64 MiB, at least 64 KiB). Bounds
+    /// memory when writers outrun the disk (`Periodic`, `Buffered`).
+    pub fn wal_queue_bytes(mut self, bytes: usize) -> Self {
+        self.wal_queue_bytes = bytes.max(64 * 1024);
         self
     }
 

@@ -173,7 +173,7 @@ fn encode_entry(out: &mut Vec<u8>, entry: &Entry<'_>) {
             out.extend_from_slice(key);
             out.extend_from_slice(&expires_at_ms.unwrap_or(NO_EXPIRY).to_le_bytes());
             let value_len = u32::try_from(value.len())
-                .expect("value length checked against RECORD_BYTES_CEILING");
+                .expect("value length checked against VALUE_BYTES_CEILING");
             out.extend_from_slice(&value_len.to_le_bytes());
             out.extend_from_slice(value);
         }

@@ -28,9 +28,9 @@ use crate::sync::{self, Arc, AtomicBool, AtomicU64, Condvar, JoinHandle, Mutex, 
 /// are still re-appending: well under one fdatasync on SSDs (~100 µs and more).
 const COMMIT_DELAY_MAX: Duration = Duration::from_micros(50);
 
-/// Bytes the append queue may hold before appenders wait for the writer: bounds memory when
-/// the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
-pub(crate) const QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Default bytes the append queue may hold before appenders wait for the writer: bounds
+/// memory when the disk is slower than the writers (relevant for `Periodic` and `Buffered`).
+pub(crate) const QUEUE_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
 
 const SEGMENT_PREFIX: &str = "wal-";
 const SEGMENT_SUFFIX: &str = ".log";
@@ -260,12 +260,28 @@ pub(crate) struct WalShared {
     last_batch_records: AtomicU64,
     /// `Some(interval)` for `Durability::Periodic`: the background fdatasync period.
     periodic: Option<Duration>,
+    /// True while the segment holds written bytes not yet fdatasynced (mirrors `Io::unsynced`
+    /// so the writer thread can plan the periodic fdatasync without taking `io`).
+    unsynced: AtomicBool,
+    /// The largest record time appended (Unix ms), since open.
+    max_time_ms: AtomicU64,
+    /// When the last fdatasync of the WAL ended, in µs since `started`.
+    last_sync_us: AtomicU64,
+    /// The origin of `last_sync_us`.
+    started: Instant,
     io: Mutex<Io>,
     wal_bytes: AtomicU64,
     appended_bytes: AtomicU64,
     active_first_lsn: AtomicU64,
     segments: AtomicU64,
     fsyncs: AtomicU64,
+    /// Writes that found the queue over its budget and had to wait (blocking or async).
+    backpressure_waits: AtomicU64,
+    /// The queue's byte budget (`Options::wal_queue_bytes`).
+    queue_bytes_max: usize,
+    /// Bytes in the queue, mirrored (stored under the queue mutex) so `poll_space` can answer
+    /// "under budget" without taking the mutex.
+    queued_bytes: AtomicU64,
 }
 
 struct Queue {
@@ -277,6 +293,9 @@ struct Queue {
     needs_sync: bool,
     roll: bool,
     shutdown: bool,
+    /// Async writers waiting for the queue to drain below its budget (`poll_space`); woken,
+    /// like `queue_space`, whenever a commit takes the queue.
+    space_wakers: Vec<Waker>,
 }
 
 #[derive(Default)]
@@ -307,6 +326,8 @@ pub(crate) struct WalStart {
     pub(crate) periodic: Option<Duration>,
     /// First LSN of the active segment.
     pub(crate) active_first_lsn: u64,
+    /// Bytes the append queue may hold before writers wait.
+    pub(crate) queue_bytes_max: usize,
 }
 
 /// The WAL: the shared state plus the writer thread.
@@ -344,6 +365,7 @@ impl Wal {
             segment_bytes,
             periodic,
             active_first_lsn,
+            queue_bytes_max,
         } = s;
         let last = next_lsn - 1;
         let shared = Arc::new(WalShared {
@@ -355,6 +377,7 @@ impl Wal {
                 needs_sync: false,
                 roll: false,
                 shutdown: false,
+                space_wakers: Vec::new(),
             }),
             queue_space: Condvar::new(),
             doorbell: Condvar::new(),
@@ -367,6 +390,10 @@ impl Wal {
             blocking_waiters: AtomicU64::new(0),
             last_batch_records: AtomicU64::new(0),
             periodic,
+            unsynced: AtomicBool::new(false),
+            max_time_ms: AtomicU64::new(0),
+            last_sync_us: AtomicU64::new(0),
+            started: Instant::now(),
             io: Mutex::new(Io {
                 storage,
                 dir,
@@ -384,6 +411,9 @@ impl Wal {
             active_first_lsn: AtomicU64::new(active_first_lsn),
             segments: AtomicU64::new(segments),
             fsyncs: AtomicU64::new(0),
+            backpressure_waits: AtomicU64::new(0),
+            queue_bytes_max,
+            queued_bytes: AtomicU64::new(0),
         });
         let background = Arc::clone(&shared);
         let handle = sync::spawn("keel-wal-writer", move || background.run_background())?;
@@ -403,6 +433,9 @@ impl Wal {
             let mut q = self.shared.queue.lock();
             q.shutdown = true;
             q.needs_sync = true;
+            for w in std::mem::take(&mut q.space_wakers) {
+                w.wake();
+            }
         }
         self.shared.doorbell.notify_one();
         if let Some(handle) = self.writer.lock().take() {
@@ -425,12 +458,39 @@ impl WalShared {
     /// Waits (without holding any lock) while the queue is over its byte budget.
     pub(crate) fn throttle(&self) {
         let mut q = self.queue.lock();
-        while q.buf.len() >= QUEUE_BYTES_MAX
+        let mut waited = false;
+        while q.buf.len() >= self.queue_bytes_max
             && !q.shutdown
             && !self.poisoned.load(Ordering::Acquire)
         {
+            if !waited {
+                waited = true;
+                self.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+            }
             self.queue_space.wait(&mut q);
         }
+    }
+
+    /// The non-blocking `throttle` for async writers: `true` when the queue is under its byte
+    /// budget (or the store is closing or poisoned: the write then fails on its own), else
+    /// registers `waker`, which the next commit to take the queue wakes.
+    pub(crate) fn poll_space(&self, waker: &Waker) -> bool {
+        // Fast path, no mutex: the budget is soft (concurrent writers may each add a record).
+        if self.queued_bytes.load(Ordering::Relaxed) < self.queue_bytes_max as u64 {
+            return true;
+        }
+        let mut q = self.queue.lock();
+        if q.buf.len() < self.queue_bytes_max || q.shutdown || self.poisoned.load(Ordering::Acquire)
+        {
+            return true;
+        }
+        if !q.space_wakers.iter().any(|w| w.will_wake(waker)) {
+            q.space_wakers.push(waker.clone());
+        }
+        self.backpressure_waits.fetch_add(1, Ordering::Relaxed);
+        // The writer checks for work under the queue mutex: ring so a full queue is taken.
+        self.doorbell.notify_one();
+        false
     }
 
     /// Appends one record holding `entries`, stamped with `time_ms`; returns its LSN. Call with
@@ -454,7 +514,13 @@ impl WalShared {
             }
             let before = q.buf.len();
             q.records += 1;
+            // Under the queue mutex: a plain load and store cannot lose a larger time.
+            if time_ms > self.max_time_ms.load(Ordering::Relaxed) {
+                self.max_time_ms.store(time_ms, Ordering::Relaxed);
+            }
             record::encode_record(&mut q.buf, lsn, time_ms, entries);
+            self.queued_bytes
+                .store(q.buf.len() as u64, Ordering::Relaxed);
             self.appended_bytes
                 .fetch_add((q.buf.len() - before) as u64, Ordering::Relaxed);
             if durability == Durability::Immediate {
@@ -559,14 +625,27 @@ impl WalShared {
     }
 
     fn poison(&self, what: &str, err: &std::io::Error) {
+        tracing::debug!(what, error = %err, "keel-engine: store poisoned");
         *self.poison_reason.lock() = Some(format!("{what}: {err}"));
         self.poisoned.store(true, Ordering::Release);
         let wakers = std::mem::take(&mut self.sync.lock().wakers);
+        let space_wakers = std::mem::take(&mut self.queue.lock().space_wakers);
         self.synced.notify_all();
         self.queue_space.notify_all();
-        for w in wakers {
+        for w in wakers.into_iter().chain(space_wakers) {
             w.wake();
         }
+    }
+
+    /// The largest record time appended since open (Unix ms; 0 if none).
+    pub(crate) fn max_appended_time_ms(&self) -> u64 {
+        self.max_time_ms.load(Ordering::Relaxed)
+    }
+
+    /// (first LSN, length) of the segment being appended to.
+    pub(crate) fn active_segment(&self) -> (u64, u64) {
+        let io = self.io.lock();
+        (self.active_first_lsn(), io.file_bytes)
     }
 
     /// LSN of the last record appended (0 if none yet).
@@ -578,6 +657,53 @@ impl WalShared {
     /// deleted once a snapshot covers it.
     pub(crate) fn request_roll(&self) {
         self.queue.lock().roll = true;
+    }
+
+    /// Starts a new segment now if the active one holds a record `<= covered` (a snapshot at
+    /// `covered` calls it after making the WAL durable up to there), so the segments the
+    /// snapshot covers can all be deleted. Without it an idle store keeps its whole WAL: the
+    /// roll the snapshot requested waits for the next write, and a roll done by a commit of
+    /// records queued before the snapshot leaves them in the new active segment.
+    pub(crate) fn roll_now(&self, covered: u64) -> Result<()> {
+        let mut io = self.io.lock();
+        let next = {
+            let mut q = self.queue.lock();
+            io.roll_requested |= std::mem::take(&mut q.roll);
+            if !q.buf.is_empty() {
+                // Commit what is queued first; a requested roll happens before it is written.
+                drop(q);
+                self.lead(&mut io);
+                q = self.queue.lock();
+            }
+            q.buf.is_empty().then_some(q.next_lsn)
+        };
+        let has_records = io.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
+        if let Some(first_lsn) = next
+            && has_records
+            && self.active_first_lsn() <= covered
+            && !self.is_poisoned()
+        {
+            self.sync.lock().leading = true;
+            // Records appended from here on get LSNs >= `first_lsn` and are written by a
+            // later commit, into the new segment.
+            let rolled = io.roll(first_lsn, self);
+            io.roll_requested = false;
+            match rolled {
+                Err((what, e)) => {
+                    self.poison(what, &e);
+                    self.end_lead(None);
+                }
+                Ok(()) => {
+                    // `roll` fdatasynced the sealed segment, which holds every record written
+                    // so far: they are all durable now.
+                    self.note_synced(&mut io);
+                    let written = self.written_lsn.load(Ordering::Acquire);
+                    self.end_lead(Some((written, Some(written))));
+                }
+            }
+        }
+        drop(io);
+        self.check_poison()
     }
 
     /// Makes every record appended so far durable, whatever durability each asked for.
@@ -621,6 +747,11 @@ impl WalShared {
         )
     }
 
+    /// Times a write had to wait for the queue to drain under its budget.
+    pub(crate) fn backpressure_waits(&self) -> u64 {
+        self.backpressure_waits.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn is_poisoned(&self) -> bool {
         self.poisoned.load(Ordering::Acquire)
     }
@@ -637,21 +768,19 @@ impl WalShared {
                 // Sleep until there is work: records, a sync request, shutdown, or (Periodic)
                 // the background fdatasync falling due.
                 while q.buf.is_empty() && !q.needs_sync && !q.shutdown {
-                    let Some(interval) = self.periodic else {
-                        self.doorbell.wait(&mut q);
-                        continue;
-                    };
-                    // Periodic: wake at least once per interval, so data a waiting writer
-                    // wrote (without fdatasync) is synced within about one interval. `io` is
-                    // only tried here: it is never waited for while holding the queue.
-                    let left = self.io.try_lock().and_then(|io| {
-                        io.unsynced
-                            .then(|| interval.saturating_sub(io.last_sync.elapsed()))
-                    });
-                    match left {
+                    // Periodic with written, unsynced data: fdatasync once `interval` has
+                    // passed since the last one, so two fdatasyncs are never more than an
+                    // interval apart while there is data to sync. With nothing unsynced there
+                    // is nothing to time: a leader that leaves data unsynced rings the
+                    // doorbell (under the queue mutex, so the ring cannot be lost).
+                    let due = self
+                        .periodic
+                        .filter(|_| self.unsynced.load(Ordering::Acquire))
+                        .map(|interval| self.periodic_left(interval));
+                    match due {
+                        None => self.doorbell.wait(&mut q),
                         Some(left) if left.is_zero() => break,
                         Some(left) => self.doorbell.wait_for(&mut q, left),
-                        None => self.doorbell.wait_for(&mut q, interval),
                     }
                 }
                 self.gather(&mut q);
@@ -664,6 +793,22 @@ impl WalShared {
                 return;
             }
         }
+    }
+
+    /// Time left until the periodic fdatasync is due (zero: due now).
+    fn periodic_left(&self, interval: Duration) -> Duration {
+        let last = Duration::from_micros(self.last_sync_us.load(Ordering::Acquire));
+        (last + interval).saturating_sub(self.started.elapsed())
+    }
+
+    /// Records a finished fdatasync (under `io`).
+    fn note_synced(&self, io: &mut Io) {
+        io.unsynced = false;
+        io.last_sync = Instant::now();
+        let us = u64::try_from(io.last_sync.duration_since(self.started).as_micros())
+            .unwrap_or(u64::MAX);
+        self.last_sync_us.store(us, Ordering::Release);
+        self.unsynced.store(false, Ordering::Release);
     }
 
     /// Commit delay, adaptive. Under a steady load of N concurrent writers, commits would
@@ -699,16 +844,26 @@ impl WalShared {
     /// elapsed, or the store is closing), and publishes. Returns whether shutdown was asked.
     fn lead(&self, io: &mut Io) -> bool {
         self.sync.lock().leading = true;
-        let (batch_last, first, needs_sync, shutdown) = {
+        let ((batch_last, first, needs_sync, shutdown), space_wakers, records) = {
             let mut q = self.queue.lock();
             std::mem::swap(&mut q.buf, &mut io.spare);
+            self.queued_bytes
+                .store(q.buf.len() as u64, Ordering::Relaxed);
             let records = std::mem::take(&mut q.records);
             self.last_batch_records.store(records, Ordering::Relaxed);
             let needs_sync = std::mem::take(&mut q.needs_sync);
             io.roll_requested |= std::mem::take(&mut q.roll);
-            (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown)
+            let space_wakers = std::mem::take(&mut q.space_wakers);
+            (
+                (q.next_lsn - 1, q.first_lsn_in_buf, needs_sync, q.shutdown),
+                space_wakers,
+                records,
+            )
         };
         self.queue_space.notify_all();
+        for w in space_wakers {
+            w.wake();
+        }
         if self.is_poisoned() {
             // Nothing more reaches the disk; waiters were woken with the poison.
             io.spare.clear();
@@ -716,6 +871,8 @@ impl WalShared {
             return shutdown;
         }
         let has_records = !io.spare.is_empty();
+        let batch_bytes = io.spare.len();
+        let mut newly_unsynced = false;
         if has_records {
             let written = io.write_batch(first, self);
             io.spare.clear();
@@ -724,28 +881,49 @@ impl WalShared {
                 self.end_lead(None);
                 return shutdown;
             }
-            io.unsynced = true;
+            if !io.unsynced {
+                io.unsynced = true;
+                self.unsynced.store(true, Ordering::Release);
+                newly_unsynced = true;
+            }
         }
         let periodic_due = io
             .periodic
             .is_some_and(|iv| io.unsynced && io.last_sync.elapsed() >= iv);
         let mut durable = None;
+        let mut fsync_us = None;
         if io.unsynced && (needs_sync || periodic_due || shutdown) {
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = io.file.sync_data() {
+            let sync_started = Instant::now();
+            let synced = io.file.sync_data();
+            fsync_us = Some(sync_started.elapsed().as_micros() as u64);
+            if let Err(e) = synced {
                 // Never retry an fsync and acknowledge: the kernel may have dropped the
                 // dirty pages (fsyncgate). Poison and make every waiter fail.
                 self.poison("fdatasync of the WAL failed", &e);
                 self.end_lead(None);
                 return shutdown;
             }
-            io.unsynced = false;
-            io.last_sync = Instant::now();
+            self.note_synced(io);
             durable = Some(batch_last);
         } else if !io.unsynced {
             durable = Some(batch_last);
         }
         self.end_lead(Some((batch_last, durable)));
+        tracing::trace!(
+            records,
+            bytes = batch_bytes,
+            fsync_us,
+            periodic_due,
+            "keel-engine: WAL group commit"
+        );
+        if newly_unsynced && io.unsynced && self.periodic.is_some() {
+            // Data is now waiting for the periodic fdatasync: make the writer thread time it
+            // (it sleeps untimed while nothing is unsynced). Ringing under the queue mutex
+            // means the writer is either before its check (and sees `unsynced`) or waiting.
+            let _q = self.queue.lock();
+            self.doorbell.notify_one();
+        }
         shutdown
     }
 }
@@ -756,8 +934,12 @@ impl Io {
         first_lsn: u64,
         shared: &WalShared,
     ) -> std::result::Result<(), (&'static str, std::io::Error)> {
+        // Roll before the batch would take the segment past its size; a segment holding no
+        // record yet takes the batch whatever its size (a batch is never split), so a segment
+        // exceeds its size only when one batch alone is larger.
         let has_records = self.file_bytes > record::SEGMENT_HEADER_BYTES as u64;
-        if self.file_bytes >= self.segment_bytes || (self.roll_requested && has_records) {
+        let would_exceed = self.file_bytes + self.spare.len() as u64 > self.segment_bytes;
+        if has_records && (would_exceed || self.roll_requested) {
             self.roll(first_lsn, shared)?;
         }
         self.roll_requested = false;
@@ -803,6 +985,7 @@ impl Io {
             .fetch_add(header.len() as u64, Ordering::Relaxed);
         shared.segments.fetch_add(1, Ordering::Relaxed);
         shared.active_first_lsn.store(first_lsn, Ordering::Release);
+        tracing::debug!(first_lsn, "keel-engine: WAL rolled to a new segment");
         Ok(())
     }
 }
@@ -870,6 +1053,7 @@ mod loom_tests {
             segment_bytes: u64::MAX,
             periodic: None,
             active_first_lsn: 1,
+            queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
         })
         .expect("start");
         (wal, bytes)

@@ -579,6 +579,8 @@ fn file_class(e: &Event) -> &'static str {
         "snapshot temp file"
     } else if name.ends_with(".snap") {
         "snapshot"
+    } else if name.starts_with("CLOSED") {
+        "clean-close marker"
     } else {
         "store directory"
     }
@@ -597,18 +599,28 @@ fn describe(trace: &[Event], k: usize) -> &'static str {
     let wal = "WAL segment";
     let tmp = "snapshot temp file";
     let after = trace.get(k + 1);
+    let marker = "clean-close marker";
     match (e.kind, file_class(e)) {
+        (Create, "clean-close marker") => "close: create the clean-close marker temp file",
+        (Write, "clean-close marker") => "close: write the clean-close marker",
+        (SyncData, "clean-close marker") => "close: fdatasync the clean-close marker",
+        (Rename, "clean-close marker") => "close: rename the clean-close marker into place",
+        (SyncDir, _) if is(before(1), Rename, marker) => {
+            "close: fsync the directory after the marker"
+        }
         (Create, "WAL segment") => "create a WAL segment",
         (Write, "WAL segment") if is(before(1), Create, wal) => "write a new segment's header",
         (SyncData, "WAL segment") if is(before(2), Create, wal) => {
             "fdatasync a new segment's header"
         }
         (SyncDir, _) if is(before(3), Create, wal) => "fsync the directory after a new segment",
-        (SyncData, "WAL segment") if is(after, Create, wal) => {
-            "fdatasync sealing a segment before a roll"
-        }
+        // Checked before "sealing": at open, cutting a torn tail is followed by the rewrite of
+        // the last segment, which starts with a create.
         (SyncData, "WAL segment") if is(before(1), Truncate, wal) => {
             "fdatasync a segment after cutting its torn tail"
+        }
+        (SyncData, "WAL segment") if is(after, Create, wal) => {
+            "fdatasync sealing a segment before a roll"
         }
         (Write, "WAL segment") => "write a WAL batch",
         (SyncData, "WAL segment") => "fdatasync the WAL (group commit)",
@@ -669,12 +681,13 @@ fn sweep(seed: u64, steps: &[Step], dir_loss: DirLoss, losses: u64, cov: &mut Co
             trace[..same],
             "seed {seed} crash point {k}: the workload is not deterministic"
         );
+        let candidates = end.candidates();
+        // Closing is part of the run: its calls (the clean-close marker) are crash points.
+        drop(end.db);
         assert!(
             k == total || disk.crashed(),
             "seed {seed}: crash point {k} never reached"
         );
-        let candidates = end.candidates();
-        drop(end.db);
         let label = classify(k, &trace, &clean.step_starts);
         for loss in 0..losses {
             let (image, fates) = disk.power_loss(rng.next_u64(), dir_loss);
@@ -789,8 +802,10 @@ fn a_crash_during_recovery_leaves_a_store_that_recovers_again() {
         let (image, _) = disk.power_loss(rng.next_u64(), DirLoss::ForgetUnsynced);
         // How many crash points does recovering this image have?
         let probe = image.restart();
-        drop(Db::open(store(), options(&probe, &clock)).expect("recovery of a crash image"));
+        let probed = Db::open(store(), options(&probe, &clock)).expect("recovery of a crash image");
+        // The open's own calls (closing, which writes the clean-close marker, comes after).
         let recovery_trace = probe.trace();
+        drop(probed);
         for j in 0..recovery_trace.len() as u64 {
             let disk = image.restart();
             disk.crash_at(j);
@@ -849,7 +864,10 @@ fn a_crash_at_every_step_of_a_snapshot_install_keeps_every_acknowledged_write() 
     let compact_starts = clean.step_starts.last().expect("steps").0;
     drop(clean.db);
     let trace = disk.trace();
-    let renames: Vec<&Event> = trace.iter().filter(|e| e.kind == OpKind::Rename).collect();
+    let renames: Vec<&Event> = trace
+        .iter()
+        .filter(|e| e.kind == OpKind::Rename && file_class(e) == "snapshot temp file")
+        .collect();
     assert!(renames.len() >= 2, "two snapshots expected: {renames:?}");
     let old_lsn = snapshot_lsn_of(renames[renames.len() - 2]);
     let new_lsn = snapshot_lsn_of(renames[renames.len() - 1]);
@@ -877,12 +895,14 @@ fn a_crash_at_every_step_of_a_snapshot_install_keeps_every_acknowledged_write() 
             // Until the directory fsync after the rename returns, the new snapshot may be
             // forgotten (and is, when unsynced operations are); from then on it must be the one
             // loaded.
+            let is_install =
+                |e: &Event| e.kind == OpKind::Rename && file_class(e) == "snapshot temp file";
             let renamed_and_synced = trace[compact_starts as usize..k as usize]
                 .windows(2)
-                .any(|w| w[0].kind == OpKind::Rename && w[1].kind == OpKind::SyncDir);
+                .any(|w| is_install(&w[0]) && w[1].kind == OpKind::SyncDir);
             let renamed = trace[compact_starts as usize..k as usize]
                 .iter()
-                .any(|e| e.kind == OpKind::Rename);
+                .any(is_install);
             let allowed = match (renamed_and_synced, renamed, dir_loss) {
                 (true, _, _) => vec![new_lsn],
                 (false, true, DirLoss::KeepPrefix) => vec![old_lsn, new_lsn],
@@ -990,10 +1010,11 @@ fn fault_sweep(kinds: &[OpKind]) -> u64 {
                 disk.seed_cut_writes(nth);
                 let clock = ManualClock::new(T0_MS);
                 let end = run(&steps, &disk, &clock, OnFault::Continue);
+                let candidates = end.candidates();
+                // Closing is part of the run: a fault may hit the clean-close marker.
+                drop(end.db);
                 let injected = disk.injected();
                 assert!(!injected.is_empty(), "{fault:?} was never hit");
-                let candidates = end.candidates();
-                drop(end.db);
                 disk.heal();
                 let ctx = format!(
                     "{fault:?} at {:?}, first failure {:?}",
