@@ -686,7 +686,7 @@ impl Drop for PartialHold {
         runtime.spawn(async move {
             for value in values {
                 if let Ok(true) = backend.compare_and_delete(&key, &value).await {
-                    released(&backend, &key);
+                    released(&backend, &key).await;
                     return;
                 }
             }
@@ -818,26 +818,13 @@ fn wake_every_waiter_of(backend: usize) {
 }
 
 /// A hold on `key` was deleted by its owner: hands the lock to one waiter in this process and
-/// tells the other processes (a release notice, sent in the background: the release does not
-/// wait for it, and a lost notice only leaves waiters elsewhere to their polling).
-fn released(backend: &Arc<dyn Backend>, key: &[u8]) {
+/// tells the other processes (a release notice; a lost one only leaves waiters elsewhere to
+/// their polling). Awaited, not spawned: a background task would keep the backend alive past
+/// the release, and an embedded store could not be reopened at once after it is dropped.
+async fn released(backend: &Arc<dyn Backend>, key: &[u8]) {
     wake_waiters(backend, key);
-    let backend = Arc::clone(backend);
-    let key = key.to_vec();
-    tokio::spawn(async move {
-        if let Err(e) = backend.publish_release(&key).await {
-            tracing::debug!(error = %e, "lock release notice not sent; waiters elsewhere poll");
-        }
-    });
-}
-
-/// [`released`] where there may be no runtime to send the notice on (then only this
-/// process's waiters are woken).
-fn released_hold(backend: &Arc<dyn Backend>, key: &[u8]) {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        released(backend, key);
-    } else {
-        wake_waiters(backend, key);
+    if let Err(e) = backend.publish_release(key).await {
+        tracing::debug!(error = %e, "lock release notice not sent; waiters elsewhere poll");
     }
 }
 
@@ -1111,7 +1098,7 @@ impl Lease {
             .await?;
         self.released = true;
         if released {
-            released_hold(&self.shared.backend, &self.shared.key);
+            released(&self.shared.backend, &self.shared.key).await;
         } else {
             crate::observe::lock_loss("release");
         }
@@ -1138,7 +1125,7 @@ impl Drop for Lease {
                     .compare_and_delete(&shared.key, &shared.value)
                     .await
                 {
-                    released(&shared.backend, &shared.key);
+                    released(&shared.backend, &shared.key).await;
                 }
             });
         }
