@@ -18,9 +18,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use cli::commands::{self, Target};
-use keel::migrate::Merge;
 use cli::duration::parse_duration;
 use cli::failure::{CmdResult, Failure};
+use keel::migrate::Merge;
 
 /// The store directory used when neither `--db` nor `KEEL_DB` is given.
 const DB_DIR_DEFAULT: &str = "./keel-data";
@@ -373,9 +373,7 @@ fn run(command: Command, dir: &Path, db_flag: bool, out: &mut dyn Write) -> CmdR
         } => commands::set(&at(url)?, &bytes(key), &bytes(value), ttl, nx, out),
         Command::Get { url, key } => commands::get(&at(url)?, &bytes(key), out),
         Command::Del { url, key } => commands::del(&at(url)?, &bytes(key), out),
-        Command::Incr { url, key, by, ttl } => {
-            commands::incr(&at(url)?, &bytes(key), by, ttl, out)
-        }
+        Command::Incr { url, key, by, ttl } => commands::incr(&at(url)?, &bytes(key), by, ttl, out),
         Command::Expire { url, key, duration } => {
             commands::expire(&at(url)?, &bytes(key), duration, out)
         }

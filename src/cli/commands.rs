@@ -163,9 +163,9 @@ impl Store {
                 })
             }
             Target::Url(url) => {
-                let backend = runtime.block_on(keel::connect(url)).map_err(|e| {
-                    Failure::Error(format!("cannot open {}: {e}", redact(url)))
-                })?;
+                let backend = runtime
+                    .block_on(keel::connect(url))
+                    .map_err(|e| Failure::Error(format!("cannot open {}: {e}", redact(url))))?;
                 Ok(Store {
                     backend,
                     db: None,
@@ -317,7 +317,9 @@ pub fn incr(
 
 /// `keel expire`: 1 if the key exists and now expires after `ttl`, 0 if it is missing.
 pub fn expire(target: &Target, key: &[u8], ttl: Duration, out: &mut dyn Write) -> CmdResult {
-    let done = with_store(target, Create::Never, async |b| Ok(b.expire(key, ttl).await?))?;
+    let done = with_store(target, Create::Never, async |b| {
+        Ok(b.expire(key, ttl).await?)
+    })?;
     writeln!(out, "{}", u8::from(done))?;
     Ok(())
 }
