@@ -4,9 +4,11 @@
 //! ends afterwards and lists the differences (exit 1 if there are any).
 
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use keel::Embedded;
 use keel::migrate::{self, Merge, MigrateOptions, MigrateReport, VerifyOptions};
 
 use super::commands::{Create, Store, Target, runtime};
@@ -46,13 +48,7 @@ pub fn run(request: Request, out: &mut dyn Write) -> CmdResult {
         )));
     }
     let source = Store::open(&runtime, &source_target, Create::Never)?;
-    // A dry run creates nothing, not even an empty destination store.
-    let create = if request.dry_run {
-        Create::Never
-    } else {
-        Create::IfMissing
-    };
-    let destination = match Store::open(&runtime, &destination_target, create) {
+    let destination = match open_destination(&runtime, &destination_target, request.dry_run) {
         Ok(store) => store,
         Err(e) => {
             source.close(&runtime)?;
@@ -65,6 +61,24 @@ pub fn run(request: Request, out: &mut dyn Write) -> CmdResult {
     result?;
     closed_source?;
     closed_destination
+}
+
+/// Opens the destination. A dry run creates nothing, not even an empty store: a store
+/// directory that does not exist yet stands for an empty store, and is counted against one.
+fn open_destination(
+    runtime: &tokio::runtime::Runtime,
+    target: &Target,
+    dry_run: bool,
+) -> Result<Store, Failure> {
+    match target {
+        Target::Dir(dir) if dry_run && !dir.exists() => Ok(Store {
+            backend: Arc::new(Embedded::memory()),
+            db: None,
+            label: dir.display().to_string(),
+        }),
+        _ if dry_run => Store::open(runtime, target, Create::Never),
+        _ => Store::open(runtime, target, Create::IfMissing),
+    }
 }
 
 async fn copy_and_verify(
