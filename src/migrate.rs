@@ -681,7 +681,7 @@ pub async fn verify(
             match dst {
                 None => {
                     // A key about to expire may already be gone on the other side.
-                    if !src_deadline.is_some_and(|d| d <= now + tolerance) {
+                    if src_deadline.is_none_or(|d| d > now + tolerance) {
                         report.add(Difference::MissingInDestination(key));
                     }
                 }

@@ -197,7 +197,7 @@ async fn assert_same_data(source: &dyn Backend, destination: &dyn Backend, prefi
         match (src_ttl, dst_ttl) {
             (None, None) => {}
             (Some(s), Some(d)) => {
-                let gap = if s > d { s - d } else { d - s };
+                let gap = s.abs_diff(d);
                 assert!(
                     gap <= TTL_SLACK,
                     "TTL of {}: source {s:?}, destination {d:?}",
