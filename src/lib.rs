@@ -172,3 +172,25 @@ fn redb(path: &str) -> Result<Arc<dyn Backend>> {
 fn redb(_: &str) -> Result<Arc<dyn Backend>> {
     Err(not_compiled("redb"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_not_compiled_in_is_refused_naming_its_feature() {
+        let e = not_compiled("redis");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("--features redis"), "{e}");
+    }
+
+    #[test]
+    fn embedded_paths_are_recognised_by_scheme() {
+        assert_eq!(embedded_path("./keel-data"), Some("./keel-data"));
+        assert_eq!(embedded_path("keel:///var/lib/app"), Some("/var/lib/app"));
+        assert_eq!(embedded_path("file:data"), Some("data"));
+        assert_eq!(embedded_path("C:/data"), Some("C:/data"));
+        assert_eq!(embedded_path("memory://"), None);
+        assert_eq!(embedded_path("redis://127.0.0.1/"), None);
+    }
+}

@@ -155,7 +155,8 @@ enum Command {
         /// The key.
         key: OsString,
     },
-    /// List keys starting with PREFIX, one per line, in byte order.
+    /// List keys starting with PREFIX, one per line: in byte order on a store directory, in
+    /// the backend's scan order on others (Redis and Valkey may list a key twice).
     ///
     /// Bytes that are not printable UTF-8 are escaped (`\xNN`, `\n`, `\\`), so every key takes
     /// exactly one line.

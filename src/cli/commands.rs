@@ -348,7 +348,7 @@ pub fn ttl(target: &Target, key: &[u8], out: &mut dyn Write) -> CmdResult {
 }
 
 /// `keel scan`: one escaped key per line, at most `limit` keys, in the backend's scan order
-/// (byte order on the embedded engine, Postgres, sled and redb).
+/// (byte order on the embedded engine; each other backend's own scan order).
 pub fn scan(
     target: &Target,
     prefix: &[u8],
