@@ -102,7 +102,7 @@ fn fill_source(config: &Config) -> Result<(Db, tempfile::TempDir), String> {
         Options::default().durability(Durability::Immediate),
     )
     .map_err(|e| e.to_string())?;
-    let value = vec![b'v'; VALUE_BYTES];
+    let value = [b'v'; VALUE_BYTES];
     let mut batch = Batch::new();
     for i in 0..config.keys {
         let ttl = (i % 2 == 0).then_some(TTL);
