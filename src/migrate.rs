@@ -10,7 +10,10 @@
 //! TTL, never extend it). Just before the write, the time left until that deadline is what
 //! the destination is given. Copying slowly therefore does not lengthen any TTL, and a key
 //! whose deadline passed while it was in flight is skipped rather than resurrected. Neither
-//! server's wall clock is involved, so clock skew between them does not matter.
+//! server's wall clock is involved, so clock skew between them does not matter. What remains
+//! is the write's own time in flight: the destination starts the TTL when the write reaches
+//! it, so its deadline can be later than the source's by that long (a fraction of a
+//! millisecond on a quiet loopback; more when the destination queues a batch of writes).
 //!
 //! # Resuming an interrupted run
 //! Before its first write, a run stores a *resume marker* in the destination: the key
