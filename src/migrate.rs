@@ -10,7 +10,9 @@
 //! TTL, never extend it). Just before the write, the time left until that deadline is what
 //! the destination is given. Copying slowly therefore does not lengthen any TTL, and a key
 //! whose deadline passed while it was in flight is skipped rather than resurrected. Neither
-//! server's wall clock is involved, so clock skew between them does not matter. What remains
+//! server's wall clock is involved, so clock skew between them does not matter. A TTL read
+//! is treated as up to [`TTL_GRANULARITY`] (1 ms) too long, since backends round to whole
+//! milliseconds. What remains
 //! is the write's own time in flight: the destination starts the TTL when the write reaches
 //! it, so its deadline can be later than the source's by that long (a fraction of a
 //! millisecond on a quiet loopback; more when the destination queues a batch of writes).
@@ -50,6 +52,12 @@ pub const BATCH_KEYS_MAX: usize = SCAN_LIMIT_MAX;
 pub const TTL_TOLERANCE_DEFAULT: Duration = Duration::from_secs(1);
 /// At most this many differences are kept in a [`VerifyReport`]; the rest are only counted.
 pub const DIFFERENCES_KEPT_MAX: usize = 100;
+
+/// Backends report and take TTLs in whole milliseconds, and a remaining TTL read from one
+/// may be up to this much too long (the engine floors its clock, then subtracts). A deadline
+/// therefore counts this much less than the TTL read, and a key with less than this left is
+/// not written: a copied key never outlives the source's by rounding, and loses at most 2 ms.
+pub const TTL_GRANULARITY: Duration = Duration::from_millis(1);
 
 const _: () = assert!(BATCH_KEYS_DEFAULT <= BATCH_KEYS_MAX);
 
@@ -421,13 +429,14 @@ async fn first_key(backend: &dyn Backend, prefix: &[u8]) -> Result<Option<Vec<u8
     }
 }
 
-/// The time left until `deadline`, or `None` if it has passed. `Some(None)`: no expiry.
+/// The time left until `deadline`, or `None` if less than [`TTL_GRANULARITY`] is left (a
+/// backend would round it up to a whole millisecond). `Some(None)`: no expiry.
 fn remaining(deadline: Option<Instant>) -> Option<Option<Duration>> {
     match deadline {
         None => Some(None),
         Some(deadline) => {
             let left = deadline.saturating_duration_since(Instant::now());
-            (!left.is_zero()).then_some(Some(left))
+            (left >= TTL_GRANULARITY).then_some(Some(left))
         }
     }
 }
@@ -450,7 +459,7 @@ async fn copy_one(
     else {
         return Ok(Outcome::Expired);
     };
-    let deadline = ttl.map(|ttl| asked + ttl);
+    let deadline = ttl.map(|ttl| asked + ttl.saturating_sub(TTL_GRANULARITY));
     let dst = |e| MigrateError::Destination(e);
     // A conditional write that loses to a key expiring at the destination is tried again;
     // three rounds is plenty for a key that keeps expiring under us.
