@@ -90,6 +90,7 @@ impl End {
         }
     }
 
+    #[allow(dead_code)] // used by the sled and redb pairs
     async fn file_url(scheme: &str) -> End {
         let dir = tempfile::tempdir().expect("temp dir");
         let backend = keel::connect(&format!("{scheme}:{}", dir.path().join("db").display()))
