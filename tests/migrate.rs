@@ -1,13 +1,13 @@
 //! `keel::migrate` between real backends: the embedded engine and each of Redis, Valkey and
-//! Postgres in both directions (and sled, redb and memory-only), with TTLs checked on the
-//! destination, a key expiring during the copy, an interrupted run resumed to convergence,
-//! the verify pass, and every conflict rule.
+//! Postgres in both directions (and the two clusters, sled, redb and memory-only), with TTLs
+//! checked on the destination, a key expiring during the copy, an interrupted run resumed to
+//! convergence, the verify pass, and every conflict rule.
 //!
-//! Server backends read their URL from `KEEL_TEST_REDIS_URL`, `KEEL_TEST_VALKEY_URL` and
-//! `KEEL_TEST_POSTGRES_URL` (`scripts/test` sets them); an unset one fails its tests with
-//! instructions, never skips them. Every test works under its own key prefix (test name,
-//! process id, a clock reading), so tests run concurrently against shared servers, and
-//! deletes it at the end.
+//! Server backends read their URL from `KEEL_TEST_REDIS_URL`, `KEEL_TEST_VALKEY_URL`,
+//! `KEEL_TEST_POSTGRES_URL`, `KEEL_TEST_REDIS_CLUSTER_URL` and `KEEL_TEST_VALKEY_CLUSTER_URL`
+//! (`scripts/test` sets them); an unset one fails its tests with instructions, never skips
+//! them. Every test works under its own key prefix (test name, process id, a clock reading),
+//! so tests run concurrently against shared servers, and deletes it at the end.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -480,6 +480,28 @@ async fn postgres_to_embedded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_to_postgres() {
     pair(redis().await, postgres().await, "redis_to_postgres").await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_to_redis_cluster() {
+    pair(
+        End::embedded().await,
+        End::url(&server_url("KEEL_TEST_REDIS_CLUSTER_URL")).await,
+        "embedded_to_redis_cluster",
+    )
+    .await;
+}
+
+#[cfg(feature = "valkey")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valkey_cluster_to_embedded() {
+    pair(
+        End::url(&server_url("KEEL_TEST_VALKEY_CLUSTER_URL")).await,
+        End::embedded().await,
+        "valkey_cluster_to_embedded",
+    )
+    .await;
 }
 
 #[cfg(feature = "sled")]
