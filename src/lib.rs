@@ -8,6 +8,8 @@
 //! - [`primitives`] (`keel-primitives`): the `Backend` contract and the service primitives.
 //! - [`adapters`] (`keel-adapters`): the contract on Redis, Valkey, Postgres, sled and redb,
 //!   one cargo feature each (`redis`, `valkey`, `postgres`, `sled`, `redb`, or `full`).
+//! - [`migrate`]: copy every live key (value and expiry) from one backend to another, and
+//!   compare two backends key by key, through the `Backend` contract only.
 
 // The README's examples compile and run as doc tests.
 #[cfg(doctest)]
@@ -16,6 +18,8 @@ struct ReadmeDoctests;
 
 use std::path::Path;
 use std::sync::Arc;
+
+pub mod migrate;
 
 pub use keel_adapters as adapters;
 pub use keel_engine as engine;
@@ -36,7 +40,7 @@ pub mod metrics {
 /// | URL | backend |
 /// |---|---|
 /// | `memory://` | the embedded engine, memory only |
-/// | a path (`./keel-data`, `/var/lib/app`) or `file:PATH` | the embedded engine on disk |
+/// | a path (`./keel-data`, `/var/lib/app`), `file:PATH` or `keel://PATH` | the embedded engine on disk |
 /// | `redis://…`, `rediss://…` | Redis (feature `redis`) |
 /// | `redis+cluster://host:port,host:port`, `rediss+cluster://…` | Redis Cluster (feature `redis`) |
 /// | `valkey://…`, `valkeys://…` | Valkey (feature `valkey`) |
@@ -152,22 +156,12 @@ enum Opened {
 }
 
 async fn open_url(url: &str) -> Result<Opened> {
-    let (scheme, rest) = match url.split_once(':') {
-        // A single letter before ':' would be a Windows drive, and "./x:y" a path: only a
-        // plain alphanumeric word counts as a scheme.
-        Some((s, rest))
-            if s.len() > 1 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+') =>
-        {
-            (s.to_ascii_lowercase(), rest)
-        }
-        _ => return open_blocking(url.to_owned(), |path| embedded(&path)).await,
-    };
+    if let Some(path) = embedded_path(url) {
+        return open_blocking(path.to_owned(), |path| embedded(&path)).await;
+    }
+    let (scheme, rest) = split_scheme(url).unwrap_or_default();
     match scheme.as_str() {
         "memory" => Ok(Opened::Engine(Embedded::memory())),
-        "file" => {
-            let path = rest.trim_start_matches("//").to_owned();
-            open_blocking(path, |path| embedded(&path)).await
-        }
         "redis" | "rediss" | "redis+cluster" | "rediss+cluster" => {
             redis(url).await.map(Opened::Other)
         }
@@ -180,11 +174,33 @@ async fn open_url(url: &str) -> Result<Opened> {
         other => Err(Error::new(
             ErrorKind::InvalidInput,
             format!(
-                "unknown backend scheme `{other}:` in {url:?}; use a path, memory://, redis://, \
-                 rediss://, valkey://, postgres://, sled:PATH or redb:PATH"
+                "unknown backend scheme `{other}:` in {url:?}; use a path, keel://PATH, \
+                 memory://, redis://, rediss://, valkey://, postgres://, sled:PATH or redb:PATH"
             ),
         )),
     }
+}
+
+/// The directory of the embedded engine's store that `url` names, if it names one: a plain
+/// path, `file:PATH` / `file://PATH` or `keel://PATH`. `None` for every other scheme
+/// (`memory://` included: it has no directory).
+pub fn embedded_path(url: &str) -> Option<&str> {
+    match split_scheme(url) {
+        None => Some(url),
+        Some((scheme, rest)) if scheme == "file" || scheme == "keel" => {
+            Some(rest.trim_start_matches("//"))
+        }
+        Some(_) => None,
+    }
+}
+
+/// The lowercased scheme of `url` and what follows its `:`, if it has one. A single letter
+/// before ':' would be a Windows drive, and "./x:y" a path: only a plain alphanumeric word
+/// (with `+`) counts as a scheme.
+fn split_scheme(url: &str) -> Option<(String, &str)> {
+    let (s, rest) = url.split_once(':')?;
+    (s.len() > 1 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+'))
+        .then(|| (s.to_ascii_lowercase(), rest))
 }
 
 /// Opens an on-disk store on the runtime's blocking pool: opening may run recovery (replay a
@@ -217,7 +233,10 @@ fn embedded(path: &str) -> Result<Opened> {
 fn not_compiled(feature: &str) -> Error {
     Error::new(
         ErrorKind::InvalidInput,
-        format!("keel was built without the `{feature}` feature; enable it to use this URL"),
+        format!(
+            "keel was built without the `{feature}` feature, so it cannot open this URL; \
+             rebuild with `--features {feature}` (or `--features full`)"
+        ),
     )
 }
 
@@ -268,4 +287,25 @@ fn redb(path: &str) -> Result<Arc<dyn Backend>> {
 #[cfg(not(feature = "redb"))]
 fn redb(_: &str) -> Result<Arc<dyn Backend>> {
     Err(not_compiled("redb"))
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backend_not_compiled_in_is_refused_naming_its_feature() {
+        let e = not_compiled("redis");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("--features redis"), "{e}");
+    }
+
+    #[test]
+    fn embedded_paths_are_recognised_by_scheme() {
+        assert_eq!(embedded_path("./keel-data"), Some("./keel-data"));
+        assert_eq!(embedded_path("keel:///var/lib/app"), Some("/var/lib/app"));
+        assert_eq!(embedded_path("file:data"), Some("data"));
+        assert_eq!(embedded_path("C:/data"), Some("C:/data"));
+        assert_eq!(embedded_path("memory://"), None);
+        assert_eq!(embedded_path("redis://127.0.0.1/"), None);
+    }
 }

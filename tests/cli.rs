@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use keel_engine::{Batch, Db, Options, ScanEntry};
 
+/// How far a key's absolute expiry may move in a dump and load through the contract: the time
+/// the two commands take between reading the clock and writing, with room for a loaded machine.
+const EXPIRY_SLACK_MS: u64 = 2_000;
+
 /// What one run of the binary produced.
 struct Run {
     code: i32,
@@ -427,12 +431,22 @@ fn dump_then_load_round_trips_binary_keys_and_values() {
     );
 
     let copy = open(&target);
-    assert_eq!(
-        all_entries(&copy),
-        expected,
-        "keys, values and expiries survive"
-    );
+    let copied = all_entries(&copy);
     copy.close().expect("close");
+    // Keys and values survive exactly; an expiry goes through the contract as the time left
+    // on the backend's clock, so it may move by the milliseconds the dump and load took.
+    assert_eq!(copied.len(), expected.len());
+    for (got, want) in copied.iter().zip(&expected) {
+        assert_eq!((&got.key, &got.value), (&want.key, &want.value));
+        match (got.expires_at_ms, want.expires_at_ms) {
+            (None, None) => {}
+            (Some(got_at), Some(want_at)) => assert!(
+                got_at.abs_diff(want_at) <= EXPIRY_SLACK_MS,
+                "expiry moved from {want_at} to {got_at}"
+            ),
+            other => panic!("expiry changed: {other:?}"),
+        }
+    }
 }
 
 #[test]
@@ -785,4 +799,423 @@ fn flags_set_refuses_an_invalid_document_and_writes_nothing() {
     );
     // Nothing was written: not even a store was created.
     assert!(!dir.exists());
+}
+
+// ---- Any backend by URL, and `keel migrate` ------------------------------------------------
+
+/// Runs `keel ARGS...` with neither `--db` nor `KEEL_DB`: the command names its store itself.
+fn keel_bare<I, S>(args: I) -> Run
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .env_remove("KEEL_DB")
+        .output()
+        .expect("running keel")
+        .into()
+}
+
+/// The URL of a server backend from the environment. Unset is a failure with instructions,
+/// never a skip.
+#[allow(dead_code)]
+fn server_url(var: &str) -> String {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => url,
+        _ => panic!(
+            "{var} is not set, so this test cannot run. Run `scripts/test`, which starts \
+             Redis, Valkey and Postgres on this machine and sets it, or set it yourself to a \
+             server you started."
+        ),
+    }
+}
+
+/// A key prefix no other test (or run) uses, so tests can share a server.
+fn unique_prefix(test: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos();
+    format!("clitest:{test}:{}:{nanos}:", std::process::id())
+}
+
+#[test]
+fn url_and_db_together_are_a_usage_error() {
+    let (_tmp, dir) = store();
+    let run = keel(&dir, ["get", "--url", "memory://", "k"]);
+    assert_code(&run, 2);
+    assert!(
+        run.stderr.contains("--url and --db both name the store"),
+        "{}",
+        run.stderr
+    );
+    assert!(!dir.exists());
+}
+
+#[test]
+fn engine_only_commands_refuse_another_backend_naming_the_command() {
+    for command in ["compact", "verify"] {
+        let run = keel_bare([command, "--url", "memory://"]);
+        assert_code(&run, 2);
+        assert!(
+            run.stderr
+                .contains(&format!("`keel {command}` works on the embedded engine")),
+            "{command}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn keel_urls_name_the_embedded_engine() {
+    let (_tmp, dir) = store();
+    let url = format!("keel://{}", dir.display());
+    assert_code(&keel_bare(["set", "--url", &url, "k", "by-url"]), 0);
+    assert_eq!(keel(&dir, ["get", "k"]).stdout, b"by-url");
+    // Read-only commands by URL refuse a missing store too.
+    let missing = format!("keel://{}", dir.with_file_name("nothing").display());
+    let run = keel_bare(["get", "--url", &missing, "k"]);
+    assert_code(&run, 2);
+    assert!(!dir.with_file_name("nothing").exists());
+}
+
+#[test]
+fn stats_json_prints_the_engine_figures_as_one_object() {
+    let (_tmp, dir) = store();
+    assert_code(&keel(&dir, ["set", "a", "1"]), 0);
+    assert_code(&keel(&dir, ["set", "b:1", "2", "--ttl", "1h"]), 0);
+    let run = keel(&dir, ["stats", "--json", "--prefix", "b:"]);
+    assert_code(&run, 0);
+    assert_eq!(
+        run.stdout().lines().count(),
+        1,
+        "one line: {}",
+        run.stdout()
+    );
+    let stats: serde_json::Value = serde_json::from_slice(&run.stdout).expect("JSON");
+    assert_eq!(stats["backend"], "embedded");
+    assert_eq!(stats["keys"], 2);
+    assert_eq!(stats["keys_under_prefix"], 1);
+    assert_eq!(stats["wal_segments"], 1);
+    assert_eq!(stats["recovery"]["records"], 2);
+    for field in [
+        "memory_bytes",
+        "wal_bytes",
+        "wal_fsyncs",
+        "snapshots",
+        "evictions",
+        "durable_lsn",
+        "clock_ms",
+    ] {
+        assert!(stats[field].is_u64(), "{field}: {stats}");
+    }
+    assert_eq!(stats["poisoned"], false);
+}
+
+/// The data commands on a server backend, under a prefix of their own.
+#[allow(dead_code)]
+fn data_commands_work_by_url(url: &str, test: &str) {
+    let p = unique_prefix(test);
+    let k = |name: &str| format!("{p}{name}");
+    let ok = |args: &[&str]| {
+        let mut full = vec![args[0], "--url", url];
+        full.extend_from_slice(&args[1..]);
+        let run = keel_bare(&full);
+        assert_code(&run, 0);
+        run.stdout()
+    };
+    assert_eq!(ok(&["set", &k("a"), "hello", "--ttl", "1h"]), "OK\n");
+    assert_eq!(ok(&["get", &k("a")]), "hello");
+    let ttl: i64 = ok(&["ttl", &k("a")]).trim().parse().expect("a number");
+    assert!((3_590_000..=3_600_000).contains(&ttl), "{ttl}");
+    assert_eq!(ok(&["persist", &k("a")]), "1\n");
+    assert_eq!(ok(&["ttl", &k("a")]), "-1\n");
+    assert_eq!(ok(&["expire", &k("a"), "10m"]), "1\n");
+    assert_eq!(ok(&["incr", &k("n"), "--by", "5"]), "5\n");
+    assert_eq!(ok(&["incr", &k("n"), "--by", "-2"]), "3\n");
+    let nx = keel_bare(["set", "--url", url, &k("a"), "x", "--nx"]);
+    assert_code(&nx, 1);
+    let missing = keel_bare(["get", "--url", url, &k("none")]);
+    assert_code(&missing, 1);
+    let mut scanned: Vec<String> = ok(&["scan", &p]).lines().map(str::to_owned).collect();
+    scanned.sort();
+    assert_eq!(scanned, [k("a"), k("n")]);
+    let stats: serde_json::Value =
+        serde_json::from_str(&ok(&["stats", "--json", "--prefix", &p])).expect("JSON");
+    assert_eq!(stats["keys_under_prefix"], 2);
+    assert!(stats["clock_ms"].is_u64(), "{stats}");
+    assert!(
+        stats.get("wal_bytes").is_none(),
+        "no engine figures: {stats}"
+    );
+    let line = format!(
+        r#"{{"key":"{}","value":"loaded","expires_at_ms":null}}"#,
+        k("l")
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["load", "--url", url, "-"])
+        .env_remove("KEEL_DB")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawning keel");
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(line.as_bytes())
+        .expect("writing stdin");
+    let load: Run = child.wait_with_output().expect("waiting").into();
+    assert_code(&load, 0);
+    assert_eq!(ok(&["get", &k("l")]), "loaded");
+    for name in ["a", "n", "l"] {
+        assert_eq!(ok(&["del", &k(name)]), "1\n");
+    }
+    assert_eq!(ok(&["del", &k("a")]), "0\n");
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn data_commands_work_on_redis_by_url() {
+    data_commands_work_by_url(&server_url("KEEL_TEST_REDIS_URL"), "redis");
+}
+
+#[cfg(feature = "valkey")]
+#[test]
+fn data_commands_work_on_valkey_by_url() {
+    data_commands_work_by_url(&server_url("KEEL_TEST_VALKEY_URL"), "valkey");
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn data_commands_work_on_postgres_by_url() {
+    data_commands_work_by_url(&server_url("KEEL_TEST_POSTGRES_URL"), "postgres");
+}
+
+#[test]
+fn migrate_between_directories_copies_ttls_and_a_dry_run_creates_nothing() {
+    let (tmp, source) = store();
+    let db = open(&source);
+    db.set("a", "1", None).expect("set");
+    db.set("b", "2", Some(Duration::from_secs(3600)))
+        .expect("set");
+    db.set(b"\xff bin", "3", None).expect("set");
+    db.close().expect("close");
+    let destination = tmp.path().join("copy");
+
+    let dry = keel_bare([
+        OsStr::new("migrate"),
+        source.as_os_str(),
+        destination.as_os_str(),
+        OsStr::new("--dry-run"),
+    ]);
+    assert_code(&dry, 0);
+    assert!(
+        dry.stdout().contains("would copy 3 key(s)"),
+        "{}",
+        dry.stdout()
+    );
+    assert!(!destination.exists(), "a dry run creates nothing");
+
+    let url = format!("keel://{}", destination.display());
+    let run = keel_bare([
+        OsStr::new("migrate"),
+        source.as_os_str(),
+        OsStr::new(&url),
+        OsStr::new("--verify"),
+    ]);
+    assert_code(&run, 0);
+    let text = run.stdout();
+    assert!(text.contains("copied 3 key(s)"), "{text}");
+    assert!(text.contains("keys/s"), "{text}");
+    assert!(text.contains("0 difference(s)"), "{text}");
+    let copy = open(&destination);
+    let original = open(&source);
+    let (copied, expected) = (all_entries(&copy), all_entries(&original));
+    assert_eq!(copied.len(), 3);
+    for (got, want) in copied.iter().zip(&expected) {
+        assert_eq!((&got.key, &got.value), (&want.key, &want.value));
+        match (got.expires_at_ms, want.expires_at_ms) {
+            (None, None) => {}
+            // The same absolute expiry, to within the milliseconds the copy took.
+            (Some(g), Some(w)) => assert!(g <= w && w - g <= 1_000, "{g} vs {w}"),
+            other => panic!("expiry changed: {other:?}"),
+        }
+    }
+    copy.close().expect("close");
+    original.close().expect("close");
+}
+
+#[test]
+fn migrate_refuses_options_it_cannot_honour() {
+    let (_tmp, dir) = store();
+    assert_code(&keel(&dir, ["set", "a", "1"]), 0);
+    let run = keel(&dir, ["migrate", "memory://", "memory://"]);
+    assert_code(&run, 2);
+    assert!(run.stderr.contains("--db does not apply"), "{}", run.stderr);
+    let run = keel_bare([
+        OsStr::new("migrate"),
+        dir.as_os_str(),
+        OsStr::new("memory://"),
+        OsStr::new("--batch"),
+        OsStr::new("0"),
+    ]);
+    assert_code(&run, 2);
+    assert!(run.stderr.contains("batch size is 0"), "{}", run.stderr);
+    let run = keel_bare(["migrate", "memory://", "memory://", "--merge", "sometimes"]);
+    assert_code(&run, 2);
+}
+
+#[cfg(feature = "redis")]
+#[test]
+fn migrate_to_redis_refuses_a_second_run_and_applies_each_merge_rule() {
+    let redis = server_url("KEEL_TEST_REDIS_URL");
+    let p = unique_prefix("migrate-rules");
+    let (_tmp, dir) = store();
+    let db = open(&dir);
+    db.set(format!("{p}a"), "1", Some(Duration::from_secs(3600)))
+        .expect("set");
+    db.set(format!("{p}b"), "2", None).expect("set");
+    db.close().expect("close");
+    let migrate = |extra: &[&str]| {
+        let mut args = vec![
+            OsStr::new("migrate"),
+            dir.as_os_str(),
+            OsStr::new(&redis),
+            OsStr::new("--prefix"),
+            OsStr::new(&p),
+        ];
+        args.extend(extra.iter().map(OsStr::new));
+        keel_bare(args)
+    };
+
+    let first = migrate(&["--verify"]);
+    assert_code(&first, 0);
+    assert!(
+        first.stdout().contains("copied 2 key(s)"),
+        "{}",
+        first.stdout()
+    );
+    assert!(
+        first.stdout().contains("0 difference(s)"),
+        "{}",
+        first.stdout()
+    );
+    let ttl: i64 = keel_bare(["ttl", "--url", &redis, &format!("{p}a")])
+        .stdout()
+        .trim()
+        .parse()
+        .expect("a number");
+    assert!((3_590_000..=3_600_000).contains(&ttl), "{ttl}");
+
+    let again = migrate(&[]);
+    assert_code(&again, 2);
+    assert!(again.stderr.contains("not empty"), "{}", again.stderr);
+
+    assert_code(
+        &keel_bare(["set", "--url", &redis, &format!("{p}b"), "theirs"]),
+        0,
+    );
+    let fail = migrate(&["--merge", "fail"]);
+    assert_code(&fail, 2);
+    assert!(
+        fail.stderr.contains(&format!("conflict: \"{p}b\"")),
+        "{}",
+        fail.stderr
+    );
+
+    // A dry run with --verify compares without writing: the difference is listed, exit 1.
+    let dry = migrate(&["--merge", "overwrite", "--dry-run", "--verify"]);
+    assert_code(&dry, 1);
+    assert!(
+        dry.stdout().contains(&format!("value differs: {p}b")),
+        "{}",
+        dry.stdout()
+    );
+    let skip = migrate(&["--merge", "skip", "--verify"]);
+    assert_code(&skip, 1);
+    assert!(skip.stdout().contains("skipped 2"), "{}", skip.stdout());
+    assert_eq!(
+        keel_bare(["get", "--url", &redis, &format!("{p}b")]).stdout,
+        b"theirs"
+    );
+
+    let overwrite = migrate(&["--merge", "overwrite", "--verify"]);
+    assert_code(&overwrite, 0);
+    assert_eq!(
+        keel_bare(["get", "--url", &redis, &format!("{p}b")]).stdout,
+        b"2"
+    );
+    for key in ["a", "b"] {
+        assert_code(
+            &keel_bare(["del", "--url", &redis, &format!("{p}{key}")]),
+            0,
+        );
+    }
+}
+
+#[cfg(feature = "postgres")]
+#[test]
+fn migrate_resumes_an_interrupted_run() {
+    let postgres = server_url("KEEL_TEST_POSTGRES_URL");
+    let p = unique_prefix("migrate-resume");
+    let (_tmp, dir) = store();
+    let db = open(&dir);
+    for i in 0..300 {
+        db.set(format!("{p}{i:03}"), format!("v{i}"), None)
+            .expect("set");
+    }
+    db.close().expect("close");
+
+    // Interrupt a run after 120 keys, through the library with the label the CLI gives a
+    // store directory.
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let stopped = runtime.block_on(async {
+        let source = keel::connect(dir.to_str().expect("utf-8 path"))
+            .await
+            .expect("source");
+        let destination = keel::connect(&postgres).await.expect("destination");
+        keel::migrate::migrate(
+            &*source,
+            &*destination,
+            &keel::migrate::MigrateOptions {
+                prefix: p.clone().into_bytes(),
+                batch_keys: 50,
+                stop_after_keys: Some(120),
+                source_label: dir.display().to_string(),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await
+        .expect("interrupted run")
+    });
+    assert!(stopped.stopped);
+
+    let resumed = keel_bare([
+        OsStr::new("migrate"),
+        dir.as_os_str(),
+        OsStr::new(&postgres),
+        OsStr::new("--prefix"),
+        OsStr::new(&p),
+        OsStr::new("--verify"),
+    ]);
+    assert_code(&resumed, 0);
+    let text = resumed.stdout();
+    assert!(text.contains("resumed an interrupted run"), "{text}");
+    assert!(text.contains("copied 300 key(s)"), "{text}");
+    assert!(
+        text.contains("source 300 key(s), destination 300 key(s)"),
+        "{text}"
+    );
+    assert!(text.contains("0 difference(s)"), "{text}");
+    runtime.block_on(async {
+        let destination = keel::connect(&postgres).await.expect("destination");
+        destination
+            .delete_prefix(p.as_bytes())
+            .await
+            .expect("cleaning up");
+    });
 }

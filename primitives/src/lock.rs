@@ -1091,18 +1091,18 @@ impl Lease {
             renewer.abort();
         }
         self.shared.end();
-        let released = self
+        let freed = self
             .shared
             .backend
             .compare_and_delete(&self.shared.key, &self.shared.value)
             .await?;
         self.released = true;
-        if released {
+        if freed {
             released(&self.shared.backend, &self.shared.key).await;
         } else {
             crate::observe::lock_loss("release");
         }
-        Ok(released)
+        Ok(freed)
     }
 }
 

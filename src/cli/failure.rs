@@ -41,6 +41,12 @@ impl From<keel_engine::Error> for Failure {
     }
 }
 
+impl From<keel::Error> for Failure {
+    fn from(e: keel::Error) -> Self {
+        Failure::Error(e.to_string())
+    }
+}
+
 impl From<io::Error> for Failure {
     fn from(e: io::Error) -> Self {
         if e.kind() == io::ErrorKind::BrokenPipe {

@@ -1,6 +1,7 @@
 //! The pieces of the `keel` command-line tool that are not argument parsing: the error type
 //! that decides the exit code, value formats (durations, escaped keys, the dump line format),
-//! and one function per command. Only `src/main.rs` uses this module; the library crate does
+//! one function per command, and `keel migrate`'s
+//! wrapper around [`keel::migrate`]. Only `src/main.rs` uses this module; the library crate does
 //! not compile it.
 
 pub mod commands;
@@ -10,3 +11,4 @@ pub mod duration;
 pub mod escape;
 pub mod failure;
 pub mod flags;
+pub mod migrate;
