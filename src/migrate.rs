@@ -14,8 +14,11 @@
 //! is treated as up to [`TTL_GRANULARITY`] (1 ms) too long, since backends round to whole
 //! milliseconds. What remains
 //! is the write's own time in flight: the destination starts the TTL when the write reaches
-//! it, so its deadline can be later than the source's by that long (a fraction of a
-//! millisecond on a quiet loopback; more when the destination queues a batch of writes).
+//! it, so its deadline can be later than the source's by that long. A write that took longer
+//! than [`SLOW_WRITE`] (a destination queueing a batch of writes, a slow network) is
+//! therefore followed by an `expire` with the time then left, which pulls the deadline back
+//! to within that `expire`'s own time in flight (repeated, up to three times, while it is
+//! slow too); a key whose deadline passed meanwhile is deleted again and counted as expired.
 //!
 //! # Resuming an interrupted run
 //! Before its first write, a run stores a *resume marker* in the destination: the key
@@ -429,6 +432,43 @@ async fn first_key(backend: &dyn Backend, prefix: &[u8]) -> Result<Option<Vec<u8
     }
 }
 
+/// A write (or `expire`) that took longer than this may have left the destination's deadline
+/// that much later than the source's: [`settle_deadline`] pulls it back.
+pub const SLOW_WRITE: Duration = Duration::from_millis(50);
+
+/// After a write of `key` with the deadline `deadline` sent at `sent`: if it was slow, sets
+/// the destination's TTL again to the time left (see the module docs). Returns `false` if the
+/// deadline passed meanwhile and the key was deleted again.
+async fn settle_deadline(
+    destination: &dyn Backend,
+    key: &[u8],
+    deadline: Option<Instant>,
+    sent: Instant,
+) -> Result<bool, MigrateError> {
+    let Some(deadline) = deadline else {
+        return Ok(true);
+    };
+    let dst = |e| MigrateError::Destination(e);
+    let mut took = sent.elapsed();
+    for _ in 0..3 {
+        if took < SLOW_WRITE {
+            break;
+        }
+        let again = Instant::now();
+        match remaining(Some(deadline)) {
+            Some(Some(ttl)) => {
+                destination.expire(key, ttl).await.map_err(dst)?;
+            }
+            _ => {
+                destination.delete(key).await.map_err(dst)?;
+                return Ok(false);
+            }
+        }
+        took = again.elapsed();
+    }
+    Ok(true)
+}
+
 /// The time left until `deadline`, or `None` if less than [`TTL_GRANULARITY`] is left (a
 /// backend would round it up to a whole millisecond). `Some(None)`: no expiry.
 fn remaining(deadline: Option<Instant>) -> Option<Option<Duration>> {
@@ -470,17 +510,25 @@ async fn copy_one(
         match rule {
             Merge::Refuse | Merge::Overwrite => {
                 if !dry_run {
+                    let sent = Instant::now();
                     destination.set(key, &value, ttl).await.map_err(dst)?;
+                    if !settle_deadline(destination, key, deadline, sent).await? {
+                        return Ok(Outcome::Expired);
+                    }
                 }
                 return Ok(Outcome::Copied);
             }
             Merge::Skip | Merge::Fail => {
+                let sent = Instant::now();
                 let written = if dry_run {
                     destination.get(key).await.map_err(dst)?.is_none()
                 } else {
                     destination.set_nx(key, &value, ttl).await.map_err(dst)?
                 };
                 if written {
+                    if !dry_run && !settle_deadline(destination, key, deadline, sent).await? {
+                        return Ok(Outcome::Expired);
+                    }
                     return Ok(Outcome::Copied);
                 }
                 if rule == Merge::Skip {

@@ -871,3 +871,106 @@ async fn verify_reports_every_kind_of_difference() {
     clean(dst, &prefix).await;
     assert!(MARKER_TAG.starts_with(b"\xff"));
 }
+
+/// How long [`SlowWrites`] holds each write before it reaches the destination.
+const WRITE_DELAY: Duration = Duration::from_secs(2);
+
+/// A destination whose writes wait [`WRITE_DELAY`] before they reach the store, as writes
+/// queued behind a batch on a busy server do: the store starts each TTL that much late.
+struct SlowWrites {
+    inner: Arc<dyn Backend>,
+}
+
+#[async_trait]
+impl Backend for SlowWrites {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+        self.inner.get(key).await
+    }
+    async fn get_with_ttl(&self, key: &[u8]) -> Result<Option<(Vec<u8>, Option<Duration>)>> {
+        self.inner.get_with_ttl(key).await
+    }
+    async fn set(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<()> {
+        tokio::time::sleep(WRITE_DELAY).await;
+        self.inner.set(key, value, ttl).await
+    }
+    async fn set_nx(&self, key: &[u8], value: &[u8], ttl: Option<Duration>) -> Result<bool> {
+        tokio::time::sleep(WRITE_DELAY).await;
+        self.inner.set_nx(key, value, ttl).await
+    }
+    async fn compare_and_swap(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: &[u8],
+        ttl: TtlPolicy,
+    ) -> Result<bool> {
+        self.inner.compare_and_swap(key, expected, new, ttl).await
+    }
+    async fn compare_and_delete(&self, key: &[u8], expected: &[u8]) -> Result<bool> {
+        self.inner.compare_and_delete(key, expected).await
+    }
+    async fn delete(&self, key: &[u8]) -> Result<bool> {
+        self.inner.delete(key).await
+    }
+    async fn incr(&self, key: &[u8], delta: i64, ttl: Option<Duration>) -> Result<i64> {
+        self.inner.incr(key, delta, ttl).await
+    }
+    async fn expire(&self, key: &[u8], ttl: Duration) -> Result<bool> {
+        self.inner.expire(key, ttl).await
+    }
+    async fn persist(&self, key: &[u8]) -> Result<bool> {
+        self.inner.persist(key).await
+    }
+    async fn ttl(&self, key: &[u8]) -> Result<Ttl> {
+        self.inner.ttl(key).await
+    }
+    async fn scan(
+        &self,
+        prefix: &[u8],
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage> {
+        self.inner.scan(prefix, cursor, limit).await
+    }
+    async fn now_ms(&self) -> Result<u64> {
+        self.inner.now_ms().await
+    }
+}
+
+/// A write that reaches the destination late does not leave its TTL late: the slow write is
+/// followed by an `expire` with the time then left (without it, the destination's TTL would
+/// be about `WRITE_DELAY` longer than the source's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_write_does_not_lengthen_the_ttl() {
+    let prefix = unique_prefix("slow_write");
+    let source = End::embedded().await;
+    let destination = End::embedded().await;
+    let src = &source.backend;
+    let long = key(&prefix, "long");
+    let forever = key(&prefix, "forever");
+    src.set(&long, b"l", Some(LONG_TTL)).await.expect("set");
+    src.set(&forever, b"f", None).await.expect("set");
+    let slow: Arc<dyn Backend> = Arc::new(SlowWrites {
+        inner: Arc::clone(&destination.backend),
+    });
+    let report = migrate::migrate(&**src, &*slow, &options(&prefix, "slow"), |_| {})
+        .await
+        .expect("migrate");
+    assert_eq!(report.copied, 2, "{report:?}");
+    let dst = &destination.backend;
+    assert_eq!(dst.ttl(&forever).await.expect("ttl"), Ttl::NoExpiry);
+    let (Ttl::Remaining(s), Ttl::Remaining(d)) = (
+        src.ttl(&long).await.expect("ttl"),
+        dst.ttl(&long).await.expect("ttl"),
+    ) else {
+        panic!("both ends must have a TTL");
+    };
+    assert!(
+        d <= s + TTL_SLACK,
+        "the destination's TTL ({d:?}) outlives the source's ({s:?}) by the write's delay"
+    );
+    assert!(s <= d + TTL_SLACK, "source {s:?}, destination {d:?}");
+}
