@@ -50,3 +50,10 @@ pub use options::{
     WAL_SEGMENT_BYTES_DEFAULT,
 };
 pub use wal::{TornTail, WalScan};
+
+/// Histogram (seconds) of each WAL fdatasync, emitted through the `metrics` facade.
+pub const METRIC_WAL_FSYNC_SECONDS: &str = "keel_engine_wal_fsync_seconds";
+/// Histogram of the records in each group commit written to the WAL.
+pub const METRIC_GROUP_COMMIT_RECORDS: &str = "keel_engine_group_commit_records";
+/// Histogram (seconds) of each snapshot, from the copy to the truncated log.
+pub const METRIC_SNAPSHOT_SECONDS: &str = "keel_engine_snapshot_seconds";

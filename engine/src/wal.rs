@@ -910,6 +910,12 @@ impl WalShared {
             durable = Some(batch_last);
         }
         self.end_lead(Some((batch_last, durable)));
+        if has_records {
+            metrics::histogram!(crate::METRIC_GROUP_COMMIT_RECORDS).record(records as f64);
+        }
+        if let Some(us) = fsync_us {
+            metrics::histogram!(crate::METRIC_WAL_FSYNC_SECONDS).record(us as f64 / 1e6);
+        }
         tracing::trace!(
             records,
             bytes = batch_bytes,

@@ -308,6 +308,7 @@ impl Core {
             duration_ms = report.duration.as_millis() as u64,
             "keel-engine: snapshot taken"
         );
+        metrics::histogram!(crate::METRIC_SNAPSHOT_SECONDS).record(report.duration.as_secs_f64());
         let mut reports = disk.reports.lock();
         reports.0 += 1;
         reports.1 = Some(report.clone());

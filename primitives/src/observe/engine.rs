@@ -3,9 +3,9 @@
 //! sizes and positions, counters set to their absolute values for what the engine counts
 //! since open.
 //!
-//! What `Stats` does not carry cannot be published from here: per-fsync latency, group-commit
-//! sizes and per-snapshot timings other than the last one need hooks in the engine (a
-//! follow-up); until then the fsync rate is the derivative of `keel_engine_wal_fsyncs_total`.
+//! What happens per event is recorded by the engine itself, through the same facade:
+//! `keel_engine_wal_fsync_seconds` (each WAL fdatasync), `keel_engine_group_commit_records`
+//! (each group commit) and `keel_engine_snapshot_seconds` (each snapshot).
 
 use std::time::Duration;
 
