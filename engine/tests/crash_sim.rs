@@ -1288,8 +1288,12 @@ const PERIODIC_INTERVAL: Duration = Duration::from_secs(3600);
 /// One write in this many goes through an `Immediate` handle.
 const PERIODIC_DURABLE_EVERY: u64 = 12;
 
-fn periodic_options(disk: &SimDisk, clock: &ManualClock) -> Options {
-    options(disk, clock).durability(keel_engine::Durability::Periodic(PERIODIC_INTERVAL))
+/// A short interval: the writer thread's background fdatasyncs land between the workload's
+/// calls wherever the scheduler puts them (crash point k differs from run to run).
+const PERIODIC_INTERVAL_SHORT: Duration = Duration::from_micros(250);
+
+fn periodic_options(disk: &SimDisk, clock: &ManualClock, interval: Duration) -> Options {
+    options(disk, clock).durability(keel_engine::Durability::Periodic(interval))
 }
 
 /// fdatasyncs of WAL segments that completed on `disk` so far (the call a crash hit did not).
@@ -1336,7 +1340,13 @@ impl PeriodicEnd {
 }
 
 /// Runs `steps` on a `Periodic` store until the first failure.
-fn run_periodic(steps: &[Step], disk: &SimDisk, clock: &ManualClock, seed: u64) -> PeriodicEnd {
+fn run_periodic(
+    steps: &[Step],
+    disk: &SimDisk,
+    clock: &ManualClock,
+    seed: u64,
+    interval: Duration,
+) -> PeriodicEnd {
     let mut rng = Rng::new(seed);
     let mut end = PeriodicEnd {
         db: None,
@@ -1345,7 +1355,7 @@ fn run_periodic(steps: &[Step], disk: &SimDisk, clock: &ManualClock, seed: u64) 
         in_flight: None,
         failure: None,
     };
-    match Db::open(store(), periodic_options(disk, clock)) {
+    match Db::open(store(), periodic_options(disk, clock, interval)) {
         Ok(db) => end.db = Some(db),
         Err(e) => {
             assert!(is_fault(&e), "open failed with a non-I/O error: {e:?}");
@@ -1401,7 +1411,7 @@ fn run_periodic(steps: &[Step], disk: &SimDisk, clock: &ManualClock, seed: u64) 
                     end.failure = Some(format!("step {i} close: {e}"));
                     return end;
                 }
-                match Db::open(store(), periodic_options(disk, clock)) {
+                match Db::open(store(), periodic_options(disk, clock, interval)) {
                     Ok(db) => {
                         // A clean close syncs everything: a restart shows it all.
                         let want = end.states.last().expect("a state");
@@ -1424,20 +1434,23 @@ fn run_periodic(steps: &[Step], disk: &SimDisk, clock: &ManualClock, seed: u64) 
 /// Power-loss images recovered per crash point of the `Periodic` sweep.
 const PERIODIC_POWER_LOSSES: u64 = 2;
 
-#[test]
-fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before_the_last_fdatasync()
- {
+/// Crashes `Periodic(interval)` workloads at every crash point, from seed `first_seed` on,
+/// until `wanted` points are covered, and checks the rule above after each. With a long
+/// interval every run makes the same calls, and the sweep checks that it does.
+fn periodic_sweep(interval: Duration, first_seed: u64, wanted: u64) {
     engine_thread_panics();
     let started = Instant::now();
-    let wanted = crash_points_wanted() / 2;
-    let (mut points, mut seed) = (0, 5_000);
+    let deterministic = interval == PERIODIC_INTERVAL;
+    let (mut points, mut seed) = (0, first_seed);
+    // WAL fdatasyncs the writer thread made on its own schedule, in the clean runs.
+    let mut background_syncs = 0;
     // How far recovery fell behind the acknowledged writes: 0, 1–9, 10 or more states.
     let mut behind = [0u64; 3];
     let mut required_above_zero = 0;
     while points < wanted {
         let steps = workload(seed, CRASH_WORKLOAD_OPS);
         let disk = SimDisk::with_dir(store());
-        let clean = run_periodic(&steps, &disk, &ManualClock::new(T0_MS), seed);
+        let clean = run_periodic(&steps, &disk, &ManualClock::new(T0_MS), seed, interval);
         assert!(
             clean.failure.is_none(),
             "clean run failed: {:?}",
@@ -1446,18 +1459,31 @@ fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before
         drop(clean.db);
         let total = disk.crash_points();
         let trace = disk.trace();
+        if !deterministic {
+            // The same workload without background fdatasyncs: the difference is theirs.
+            let quiet = SimDisk::with_dir(store());
+            let end = run_periodic(
+                &steps,
+                &quiet,
+                &ManualClock::new(T0_MS),
+                seed,
+                PERIODIC_INTERVAL,
+            );
+            drop(end.db);
+            background_syncs +=
+                wal_syncs_completed(&disk).saturating_sub(wal_syncs_completed(&quiet));
+        }
         let mut rng = Rng::new(seed);
         for k in 0..=total {
             let disk = SimDisk::with_dir(store());
             disk.crash_at(k);
             disk.seed_cut_writes(rng.next_u64());
             let clock = ManualClock::new(T0_MS);
-            let mut end = run_periodic(&steps, &disk, &clock, seed);
+            let mut end = run_periodic(&steps, &disk, &clock, seed, interval);
             let seen = disk.trace();
             let same = (k as usize).min(seen.len());
-            assert_eq!(
-                seen[..same],
-                trace[..same],
+            assert!(
+                !deterministic || seen[..same] == trace[..same],
                 "seed {seed} crash point {k}: the workload is not deterministic"
             );
             // Closing is part of the run (its final fdatasync is a crash point).
@@ -1473,7 +1499,7 @@ fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before
                     "seed {seed} crash point {k}/{total} ({}), power loss {loss}: {} states \
                      acknowledged, {syncs} WAL fdatasyncs completed, state {required} must be \
                      there; failure {:?}, files {fates:?}",
-                    describe(&trace, k as usize),
+                    describe(&seen, k as usize),
                     end.states.len(),
                     end.failure
                 );
@@ -1493,10 +1519,10 @@ fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before
         seed += 1;
     }
     println!(
-        "Periodic: {points} crash points over {} workloads in {:.1?}; recovered the newest \
+        "Periodic({interval:?}): {points} crash points over {} workloads in {:.1?}; recovered the newest \
          state {} times, 1-9 states behind {} times, 10+ behind {} times; a synced state was \
          required at {required_above_zero} points",
-        seed - 5_000,
+        seed - first_seed,
         started.elapsed(),
         behind[0],
         behind[1],
@@ -1505,7 +1531,23 @@ fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before
     // The sweep must see both outcomes the rule allows: unsynced writes lost, and kept.
     assert!(behind[0] > 0 && behind[1] + behind[2] > 0, "{behind:?}");
     assert!(required_above_zero > 0);
+    assert!(
+        deterministic || background_syncs > 0,
+        "no background fdatasync happened at {interval:?}"
+    );
+    println!("  background fdatasyncs in the clean runs: {background_syncs}");
     assert_eq!(engine_thread_panics(), 0, "an engine thread panicked");
+}
+
+#[test]
+fn periodic_durability_recovers_a_prefix_holding_every_write_acknowledged_before_the_last_fdatasync()
+ {
+    periodic_sweep(PERIODIC_INTERVAL, 5_000, crash_points_wanted() / 2);
+}
+
+#[test]
+fn periodic_background_fdatasyncs_keep_the_prefix_rule_at_every_crash_point() {
+    periodic_sweep(PERIODIC_INTERVAL_SHORT, 5_500, crash_points_wanted() / 4);
 }
 
 // Concurrent writers. Several threads write to one `Immediate` store at once, private keys
