@@ -1283,7 +1283,7 @@ fn a_simulated_write_back_error_can_lose_the_bytes_for_good() {
 
 /// The background interval: longer than any run, so the only fdatasyncs are the durable
 /// points, segment rolls, snapshots and closes, the same calls on every run (crash point k
-/// is the same call each time).
+/// is the same call each time, but for the one WAL fdatasync `periodic_sweep` describes).
 const PERIODIC_INTERVAL: Duration = Duration::from_secs(3600);
 /// One write in this many goes through an `Immediate` handle.
 const PERIODIC_DURABLE_EVERY: u64 = 12;
@@ -1480,10 +1480,22 @@ fn periodic_sweep(interval: Duration, first_seed: u64, wanted: u64) {
             disk.seed_cut_writes(rng.next_u64());
             let clock = ManualClock::new(T0_MS);
             let mut end = run_periodic(&steps, &disk, &clock, seed, interval);
+            // Apart from WAL fdatasyncs, every run makes the same calls up to its crash. One
+            // fdatasync may move: a snapshot's "make the WAL durable" on a WAL that already is
+            // leaves a sync request behind, which the next commit serves with an fdatasync
+            // (when a writer leads it) or without (when the writer thread, woken by the
+            // request, leads it first with nothing unsynced). Rare, and timing-dependent.
             let seen = disk.trace();
             let same = (k as usize).min(seen.len());
+            let calls = |t: &[Event]| -> Vec<Event> {
+                t.iter()
+                    .filter(|e| !(e.kind == OpKind::SyncData && e.name().starts_with("wal-")))
+                    .cloned()
+                    .collect()
+            };
+            let (seen_calls, clean_calls) = (calls(&seen[..same]), calls(&trace));
             assert!(
-                !deterministic || seen[..same] == trace[..same],
+                !deterministic || clean_calls.starts_with(&seen_calls),
                 "seed {seed} crash point {k}: the workload is not deterministic"
             );
             // Closing is part of the run (its final fdatasync is a crash point).
