@@ -648,6 +648,24 @@ impl WalShared {
         (self.active_first_lsn(), io.file_bytes)
     }
 
+    /// For a write that changed nothing but saw what earlier records wrote: the LSN of the
+    /// last record appended, if it is not durable yet, with an fdatasync requested for it
+    /// (it may have been appended with a relaxed durability that asked for none). `None` when
+    /// everything appended is already durable.
+    pub(crate) fn undurable_tail(&self) -> Option<u64> {
+        let last = {
+            let mut q = self.queue.lock();
+            let last = q.next_lsn - 1;
+            if self.durable_lsn.load(Ordering::Acquire) >= last {
+                return None;
+            }
+            q.needs_sync = true;
+            last
+        };
+        self.doorbell.notify_one();
+        Some(last)
+    }
+
     /// LSN of the last record appended (0 if none yet).
     pub(crate) fn last_appended_lsn(&self) -> u64 {
         self.queue.lock().next_lsn - 1

@@ -1583,11 +1583,11 @@ const PRIVATE_KEYS: u64 = 3;
 const SHARED_KEYS: u64 = 2;
 
 /// Whether a delete that found the key already gone is exempt from "no acknowledged write is
-/// lost". It must not be: such a delete returns at once, without waiting for the delete (by
-/// another thread, still in flight) whose effect it saw to become durable; a crash can then
-/// lose that delete, and the key is back although this one was acknowledged. Set to `false`
-/// to reproduce: the default sweep then fails (10 of 10 runs; engine/DESIGN.md, "Invariants").
-const NOOP_DELETES_UNCHECKED: bool = true;
+/// lost". It is not: such a delete is acknowledged only once the delete (by another thread,
+/// perhaps still in flight) whose effect it saw is durable. Before that rule (engine/DESIGN.md,
+/// "Invariants"), a crash could lose the other delete and bring the key back although this
+/// one was acknowledged, and the sweep failed 10 of 10 runs with this set to `false`.
+const NOOP_DELETES_UNCHECKED: bool = false;
 
 /// One write of a key: a value, or `None` for a delete.
 type KeyWrite = (Vec<u8>, Option<Vec<u8>>);

@@ -428,6 +428,20 @@ impl Db {
         }
     }
 
+    /// The result of a write that changed nothing. Under `Immediate` it is acknowledged only
+    /// once every record appended so far is durable: the state it decided on may come from a
+    /// write still waiting for its fdatasync, and a crash that lost that write would otherwise
+    /// undo an acknowledged outcome (a delete that found the key gone would see it back).
+    fn unchanged<T>(&self, outcome: T) -> Pending<T> {
+        match &self.core().wal {
+            Some(wal) if self.durability == Durability::Immediate => {
+                let tail = wal.shared().undurable_tail();
+                self.pending(outcome, tail)
+            }
+            _ => Pending::ready(outcome),
+        }
+    }
+
     /// Runs one single-key operation atomically: `decide` sees the key's live slot (if any)
     /// and "now", and returns the change to make and the caller's result.
     fn mutate(
@@ -453,7 +467,7 @@ impl Db {
         }
         let (change, outcome) = decide(current.filter(|s| s.is_live(now)), now)?;
         let entry = match &change {
-            Change::None => return Ok(Pending::ready(outcome)),
+            Change::None => return Ok(self.unchanged(outcome)),
             Change::Put {
                 value,
                 expires_at_ms,
@@ -563,7 +577,7 @@ impl Db {
         drop(current);
         drop(values);
         if planned.is_empty() {
-            return Ok(Pending::ready(result));
+            return Ok(self.unchanged(result));
         }
         let entries: Vec<Entry<'_>> = planned
             .iter()
