@@ -7,12 +7,18 @@
 
 /// Magic bytes at the start of every WAL segment.
 pub const SEGMENT_MAGIC: [u8; 8] = *b"KEELWAL\0";
-/// The WAL format version written by this build (see the format log in DESIGN.md).
-pub const WAL_FORMAT_VERSION: u32 = 1;
+/// The WAL format version written by this build (see the format log in DESIGN.md). Version 2
+/// adds a commit marker in front of every batch; version 1 segments (no markers) are still read.
+pub const WAL_FORMAT_VERSION: u32 = 2;
+/// The oldest WAL format version this build reads.
+pub const WAL_FORMAT_VERSION_MIN: u32 = 1;
 /// Bytes in a segment header.
 pub const SEGMENT_HEADER_BYTES: usize = 32;
 /// Bytes in a record frame header (length, checksum, LSN, time).
 pub const FRAME_HEADER_BYTES: usize = 28;
+/// Bytes in a commit marker: a frame header whose LSN is 0 and a 16-byte body (the LSN that was
+/// durable when the batch was written, and the batch's first LSN).
+pub const COMMIT_MARKER_BYTES: usize = FRAME_HEADER_BYTES + 16;
 /// The largest record body accepted by the decoder: 1 GiB.
 pub const RECORD_BODY_BYTES_MAX: usize = 1 << 30;
 
@@ -107,11 +113,16 @@ fn checksum(parts: &[&[u8]]) -> u64 {
     u64::from_le_bytes(first)
 }
 
-/// Encodes a segment header for a segment whose first record has `first_lsn`.
+/// Encodes a segment header (current format) for a segment whose first record has `first_lsn`.
 pub fn encode_segment_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {
+    encode_segment_header_version(first_lsn, WAL_FORMAT_VERSION)
+}
+
+/// Encodes a segment header of format `version` (for tests of older formats and the fuzzer).
+pub fn encode_segment_header_version(first_lsn: u64, version: u32) -> [u8; SEGMENT_HEADER_BYTES] {
     let mut out = [0u8; SEGMENT_HEADER_BYTES];
     out[0..8].copy_from_slice(&SEGMENT_MAGIC);
-    out[8..12].copy_from_slice(&WAL_FORMAT_VERSION.to_le_bytes());
+    out[8..12].copy_from_slice(&version.to_le_bytes());
     // bytes 12..16 reserved, zero.
     out[16..24].copy_from_slice(&first_lsn.to_le_bytes());
     let sum = checksum(&[&out[0..24]]);
@@ -119,8 +130,24 @@ pub fn encode_segment_header(first_lsn: u64) -> [u8; SEGMENT_HEADER_BYTES] {
     out
 }
 
-/// Decodes a segment header, returning the segment's first LSN.
-pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, DecodeError> {
+/// A decoded segment header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// LSN of the segment's first record.
+    pub first_lsn: u64,
+    /// Format version of the segment (`WAL_FORMAT_VERSION_MIN..=WAL_FORMAT_VERSION`).
+    pub version: u32,
+}
+
+impl SegmentHeader {
+    /// Whether the segment's batches start with commit markers (format 2 and later).
+    pub fn has_commit_markers(&self) -> bool {
+        self.version >= 2
+    }
+}
+
+/// Decodes a segment header.
+pub fn decode_segment_header(bytes: &[u8]) -> Result<SegmentHeader, DecodeError> {
     if bytes.len() < SEGMENT_HEADER_BYTES {
         return Err(DecodeError::Truncated {
             needed: SEGMENT_HEADER_BYTES,
@@ -134,10 +161,59 @@ pub fn decode_segment_header(bytes: &[u8]) -> Result<u64, DecodeError> {
         return Err(DecodeError::Invalid("segment header checksum mismatch"));
     }
     let version = read_u32(&bytes[8..12]);
-    if version != WAL_FORMAT_VERSION {
+    if !(WAL_FORMAT_VERSION_MIN..=WAL_FORMAT_VERSION).contains(&version) {
         return Err(DecodeError::Invalid("unsupported WAL format version"));
     }
-    Ok(read_u64(&bytes[16..24]))
+    Ok(SegmentHeader {
+        first_lsn: read_u64(&bytes[16..24]),
+        version,
+    })
+}
+
+/// A commit marker: the frame the WAL writer puts in front of every batch it writes (format 2).
+/// It says which LSNs were already durable (fdatasynced) when the batch was written, so recovery
+/// can tell damage inside the synced part of the log (corruption) from damage in a part that
+/// was never synced (a torn tail, which a power loss may leave with holes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitMarker {
+    /// Every record with an LSN up to this one was durable when the batch was written.
+    pub durable_lsn: u64,
+    /// LSN of the batch's first record (the record right after the marker).
+    pub first_lsn: u64,
+}
+
+/// Writes a commit marker into `out` (exactly [`COMMIT_MARKER_BYTES`] long): a frame whose
+/// LSN field is 0 (no record has LSN 0) and whose body is the two LSNs.
+pub fn encode_commit_marker(out: &mut [u8], marker: CommitMarker) {
+    assert_eq!(out.len(), COMMIT_MARKER_BYTES, "commit marker buffer");
+    out[0..4].copy_from_slice(&16u32.to_le_bytes());
+    out[12..20].copy_from_slice(&0u64.to_le_bytes());
+    out[20..28].copy_from_slice(&0u64.to_le_bytes());
+    out[28..36].copy_from_slice(&marker.durable_lsn.to_le_bytes());
+    out[36..44].copy_from_slice(&marker.first_lsn.to_le_bytes());
+    let sum = checksum(&[&out[0..4], &out[12..]]);
+    out[4..12].copy_from_slice(&sum.to_le_bytes());
+}
+
+/// The commit marker a decoded frame holds, if it is one (`Ok(None)`: a record). A frame with
+/// LSN 0 whose body is not a well-formed marker is invalid.
+pub fn commit_marker(frame: &Frame<'_>) -> Result<Option<CommitMarker>, DecodeError> {
+    if frame.lsn != 0 {
+        return Ok(None);
+    }
+    if frame.body.len() != 16 || frame.time_ms != 0 {
+        return Err(DecodeError::Invalid("malformed commit marker"));
+    }
+    let marker = CommitMarker {
+        durable_lsn: read_u64(&frame.body[0..8]),
+        first_lsn: read_u64(&frame.body[8..16]),
+    };
+    if marker.first_lsn == 0 || marker.durable_lsn >= marker.first_lsn {
+        return Err(DecodeError::Invalid(
+            "commit marker claims its own batch was already durable",
+        ));
+    }
+    Ok(Some(marker))
 }
 
 /// Appends a record frame holding `entries` to `out`.
@@ -374,9 +450,51 @@ mod tests {
     }
 
     #[test]
+    fn commit_marker_round_trips_and_every_flipped_bit_is_detected() {
+        let marker = CommitMarker {
+            durable_lsn: 41,
+            first_lsn: 42,
+        };
+        let mut buf = [0u8; COMMIT_MARKER_BYTES];
+        encode_commit_marker(&mut buf, marker);
+        let (frame, used) = decode_frame(&buf).unwrap();
+        assert_eq!(used, COMMIT_MARKER_BYTES);
+        assert_eq!(commit_marker(&frame), Ok(Some(marker)));
+        for i in 0..buf.len() * 8 {
+            let mut bad = buf;
+            bad[i / 8] ^= 1 << (i % 8);
+            let decoded = decode_frame(&bad).map(|(f, _)| commit_marker(&f));
+            assert!(
+                !matches!(decoded, Ok(Ok(Some(m))) if m == marker),
+                "bit {i} flip went unnoticed"
+            );
+        }
+        // A marker claiming its own batch is refused even with a valid checksum.
+        encode_commit_marker(
+            &mut buf,
+            CommitMarker {
+                durable_lsn: 42,
+                first_lsn: 42,
+            },
+        );
+        let (frame, _) = decode_frame(&buf).unwrap();
+        assert!(commit_marker(&frame).is_err());
+    }
+
+    #[test]
     fn segment_header_round_trips_and_rejects_damage() {
         let h = encode_segment_header(123);
-        assert_eq!(decode_segment_header(&h), Ok(123));
+        assert_eq!(
+            decode_segment_header(&h),
+            Ok(SegmentHeader {
+                first_lsn: 123,
+                version: WAL_FORMAT_VERSION
+            })
+        );
+        let v1 = encode_segment_header_version(7, 1);
+        assert_eq!(decode_segment_header(&v1).map(|h| h.version), Ok(1));
+        let v3 = encode_segment_header_version(7, WAL_FORMAT_VERSION + 1);
+        assert!(decode_segment_header(&v3).is_err());
         let mut bad = h;
         bad[17] ^= 1;
         assert!(decode_segment_header(&bad).is_err());

@@ -78,9 +78,13 @@ pub struct WalScan {
     pub max_time_ms: u64,
     /// A torn tail: the last segment, the offset where valid data ends, and the bytes after it.
     pub torn_tail: Option<TornTail>,
+    /// Format version of the last segment whose header is whole (0 if none): the segment the
+    /// store appends to after recovery.
+    pub last_segment_version: u32,
 }
 
-/// The end of the last segment that did not hold a complete record (a write cut by a crash).
+/// The end of the last segment that did not hold a complete record: a write cut by a crash, or
+/// a batch that was never fdatasynced and reached the disk with holes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TornTail {
     /// The segment.
@@ -91,15 +95,26 @@ pub struct TornTail {
     pub torn_bytes: u64,
     /// True if the header itself was incomplete (the segment holds no record at all).
     pub header_torn: bool,
+    /// Whole, valid records found after the damage and discarded with it: records of batches
+    /// that were never fdatasynced (so never acknowledged as durable), which a power loss kept
+    /// while losing an earlier page of the same unsynced write.
+    pub records_discarded: u64,
 }
 
 /// Reads every segment in order, calling `apply` for each valid record, without modifying
-/// anything. A torn last record is reported in [`WalScan::torn_tail`]; a bad record followed by
-/// valid data, a gap in LSNs, or a damaged sealed segment is [`Error::Corruption`].
+/// anything.
+///
+/// A damaged record in the last segment is a torn tail (reported in [`WalScan::torn_tail`])
+/// when nothing shows it was ever durable, and [`Error::Corruption`] when something does: a
+/// later commit marker saying an LSN at or past it was durable when its batch was written, or
+/// `durable_lsn` (what the caller knows was durable, e.g. from a clean-close marker). In a
+/// format 1 segment, which has no markers, any valid record after the damage makes it
+/// corruption. A gap in LSNs or a damaged sealed segment is always [`Error::Corruption`].
 pub(crate) fn scan(
     storage: &dyn Storage,
     dir: &Path,
     mut expected_lsn: u64,
+    durable_lsn: u64,
     mut apply: impl FnMut(u64, u64, &[Entry<'_>]),
 ) -> Result<WalScan> {
     let segments = list_segments(storage, dir)?;
@@ -118,15 +133,17 @@ pub(crate) fn scan(
         let is_last = i + 1 == count;
         let bytes = storage.read(path)?;
         out.segments += 1;
-        let header_lsn = match record::decode_segment_header(&bytes) {
-            Ok(lsn) => lsn,
+        let header_torn = |bytes: &[u8]| TornTail {
+            file: path.clone(),
+            valid_len: 0,
+            torn_bytes: bytes.len() as u64,
+            header_torn: true,
+            records_discarded: 0,
+        };
+        let header = match record::decode_segment_header(&bytes) {
+            Ok(header) => header,
             Err(DecodeError::Truncated { .. }) if is_last => {
-                out.torn_tail = Some(TornTail {
-                    file: path.clone(),
-                    valid_len: 0,
-                    torn_bytes: bytes.len() as u64,
-                    header_torn: true,
-                });
+                out.torn_tail = Some(header_torn(&bytes));
                 break;
             }
             Err(DecodeError::Truncated { .. }) => {
@@ -138,21 +155,20 @@ pub(crate) fn scan(
             Err(DecodeError::Invalid(_))
                 if is_last && bytes.len() <= record::SEGMENT_HEADER_BYTES =>
             {
-                out.torn_tail = Some(TornTail {
-                    file: path.clone(),
-                    valid_len: 0,
-                    torn_bytes: bytes.len() as u64,
-                    header_torn: true,
-                });
+                out.torn_tail = Some(header_torn(&bytes));
                 break;
             }
             Err(DecodeError::Invalid(why)) => return Err(Error::corruption(path, 0, why)),
         };
-        if header_lsn != *first_lsn {
+        out.last_segment_version = header.version;
+        if header.first_lsn != *first_lsn {
             return Err(Error::corruption(
                 path,
                 16,
-                format!("header says first LSN {header_lsn}, file name says {first_lsn}"),
+                format!(
+                    "header says first LSN {}, file name says {first_lsn}",
+                    header.first_lsn
+                ),
             ));
         }
         if *first_lsn > expected_lsn {
@@ -164,11 +180,38 @@ pub(crate) fn scan(
                 ),
             ));
         }
+        let markers = header.has_commit_markers();
         let mut offset = record::SEGMENT_HEADER_BYTES;
         out.valid_bytes += offset as u64;
+        // A marker not yet followed by its batch's first record: at the end of the last
+        // segment, the batch was cut off whole and the marker goes with the torn tail.
+        let mut dangling_marker: Option<usize> = None;
         while offset < bytes.len() {
-            match record::decode_frame(&bytes[offset..]) {
-                Ok((frame, used)) => {
+            let decoded =
+                record::decode_frame(&bytes[offset..]).and_then(|(frame, used)| match markers {
+                    true => record::commit_marker(&frame).map(|m| (frame, m, used)),
+                    false => Ok((frame, None, used)),
+                });
+            match decoded {
+                Ok((_, Some(marker), used)) => {
+                    // A marker names the record right after it: never one past the next
+                    // expected (in a part covered by a snapshot it names an earlier one).
+                    if marker.first_lsn > expected_lsn {
+                        return Err(Error::corruption(
+                            path,
+                            offset as u64,
+                            format!(
+                                "commit marker names LSN {}, expected LSN {expected_lsn}",
+                                marker.first_lsn
+                            ),
+                        ));
+                    }
+                    dangling_marker.get_or_insert(offset);
+                    offset += used;
+                    out.valid_bytes += used as u64;
+                }
+                Ok((frame, None, used)) => {
+                    dangling_marker = None;
                     if frame.lsn < expected_lsn {
                         // Covered by a snapshot: already applied.
                     } else if frame.lsn == expected_lsn {
@@ -196,49 +239,111 @@ pub(crate) fn scan(
                 }
                 Err(err) => {
                     let tail = &bytes[offset..];
-                    if is_last && !has_valid_frame_after(tail, expected_lsn) {
-                        out.torn_tail = Some(TornTail {
-                            file: path.clone(),
-                            valid_len: offset as u64,
-                            torn_bytes: tail.len() as u64,
-                            header_torn: false,
-                        });
-                        break;
-                    }
                     let reason = match err {
                         DecodeError::Truncated { needed, have } => {
                             format!("record needs {needed} bytes, segment has {have}")
                         }
                         DecodeError::Invalid(why) => why.to_owned(),
                     };
-                    return Err(Error::corruption(
-                        path,
-                        offset as u64,
-                        format!("{reason}; valid records follow, so this is not a torn write"),
-                    ));
+                    if !is_last {
+                        return Err(Error::corruption(
+                            path,
+                            offset as u64,
+                            format!("{reason}, in a sealed (fdatasynced) segment"),
+                        ));
+                    }
+                    let after = frames_after(tail, expected_lsn);
+                    let synced = match markers {
+                        // Damage before a record some later batch (or the caller) knew was
+                        // durable is damage to synced data.
+                        true => after.durable_lsn.max(durable_lsn) >= expected_lsn,
+                        // No markers: valid records after the damage are the only evidence.
+                        false => after.records > 0 || durable_lsn >= expected_lsn,
+                    };
+                    if synced {
+                        let why = if markers && after.durable_lsn >= expected_lsn {
+                            format!(
+                                "a commit marker after it says LSN {} was durable",
+                                after.durable_lsn
+                            )
+                        } else if durable_lsn >= expected_lsn {
+                            format!("LSN {durable_lsn} was durable at the last clean close")
+                        } else {
+                            "valid records follow".to_owned()
+                        };
+                        return Err(Error::corruption(
+                            path,
+                            offset as u64,
+                            format!(
+                                "{reason} at LSN {expected_lsn}; {why}, so this is damage to \
+                                 synced data, not a torn write"
+                            ),
+                        ));
+                    }
+                    let valid_len = dangling_marker.take().unwrap_or(offset);
+                    out.valid_bytes -= (offset - valid_len) as u64;
+                    out.torn_tail = Some(TornTail {
+                        file: path.clone(),
+                        valid_len: valid_len as u64,
+                        torn_bytes: (bytes.len() - valid_len) as u64,
+                        header_torn: false,
+                        records_discarded: after.records,
+                    });
+                    break;
                 }
             }
+        }
+        if is_last
+            && out.torn_tail.is_none()
+            && let Some(valid_len) = dangling_marker
+        {
+            out.valid_bytes -= (bytes.len() - valid_len) as u64;
+            out.torn_tail = Some(TornTail {
+                file: path.clone(),
+                valid_len: valid_len as u64,
+                torn_bytes: (bytes.len() - valid_len) as u64,
+                header_torn: false,
+                records_discarded: 0,
+            });
         }
     }
     Ok(out)
 }
 
-/// True if some offset past the first byte of `tail` holds a valid frame with `lsn` at least
-/// `expected`: then the damage is in the middle of the log, not a torn tail. Cheap for garbage:
-/// only offsets whose LSN field is plausible are checksummed.
-fn has_valid_frame_after(tail: &[u8], expected_lsn: u64) -> bool {
-    (1..tail.len()).any(|start| {
+/// What valid frames lie after the first byte of a damaged region.
+#[derive(Debug, Default)]
+struct FramesAfter {
+    /// Valid records with LSN at least the expected one.
+    records: u64,
+    /// The largest durable LSN a valid commit marker claims (0 if none).
+    durable_lsn: u64,
+}
+
+/// Looks for valid frames at every offset past the first byte of `tail` (skipping over each
+/// one found). Cheap for garbage: only offsets whose LSN field is plausible (a record LSN at
+/// least `expected`, or 0 for a marker) are checksummed.
+fn frames_after(tail: &[u8], expected_lsn: u64) -> FramesAfter {
+    let mut found = FramesAfter::default();
+    let mut start = 1;
+    while start + record::FRAME_HEADER_BYTES <= tail.len() {
         let rest = &tail[start..];
-        if rest.len() < record::FRAME_HEADER_BYTES {
-            return false;
-        }
         let mut lsn = [0u8; 8];
         lsn.copy_from_slice(&rest[12..20]);
         let lsn = u64::from_le_bytes(lsn);
-        lsn >= expected_lsn
-            && lsn <= expected_lsn.saturating_add(1 << 32)
-            && record::decode_frame(rest).is_ok()
-    })
+        let plausible =
+            lsn == 0 || (lsn >= expected_lsn && lsn <= expected_lsn.saturating_add(1 << 32));
+        if plausible && let Ok((frame, used)) = record::decode_frame(rest) {
+            match record::commit_marker(&frame) {
+                Ok(Some(marker)) => found.durable_lsn = found.durable_lsn.max(marker.durable_lsn),
+                Ok(None) => found.records += 1,
+                Err(_) => {}
+            }
+            start += used;
+            continue;
+        }
+        start += 1;
+    }
+    found
 }
 
 /// State shared by appenders, waiters and the WAL writer thread.
@@ -326,6 +431,9 @@ pub(crate) struct WalStart {
     pub(crate) periodic: Option<Duration>,
     /// First LSN of the active segment.
     pub(crate) active_first_lsn: u64,
+    /// Whether the active segment's format has commit markers (false for a format 1 segment
+    /// found at open, until the next roll).
+    pub(crate) commit_markers: bool,
     /// Bytes the append queue may hold before writers wait.
     pub(crate) queue_bytes_max: usize,
 }
@@ -349,6 +457,8 @@ struct Io {
     last_sync: Instant,
     spare: Vec<u8>,
     roll_requested: bool,
+    /// Whether batches written to the active segment start with a commit marker.
+    commit_markers: bool,
 }
 
 impl Wal {
@@ -365,6 +475,7 @@ impl Wal {
             segment_bytes,
             periodic,
             active_first_lsn,
+            commit_markers,
             queue_bytes_max,
         } = s;
         let last = next_lsn - 1;
@@ -405,6 +516,7 @@ impl Wal {
                 last_sync: Instant::now(),
                 spare: Vec::with_capacity(64 * 1024),
                 roll_requested: false,
+                commit_markers,
             }),
             wal_bytes: AtomicU64::new(wal_bytes),
             appended_bytes: AtomicU64::new(0),
@@ -511,6 +623,9 @@ impl WalShared {
             q.next_lsn += 1;
             if q.buf.is_empty() {
                 q.first_lsn_in_buf = lsn;
+                // Room for the batch's commit marker, which the writer fills in (it alone
+                // knows what is durable when the batch is written).
+                q.buf.extend_from_slice(&[0; record::COMMIT_MARKER_BYTES]);
             }
             let before = q.buf.len();
             q.records += 1;
@@ -967,13 +1082,30 @@ impl Io {
             self.roll(first_lsn, shared)?;
         }
         self.roll_requested = false;
+        let start = match self.commit_markers {
+            true => {
+                // Everything durable now was fdatasynced before any byte of this batch was
+                // written: recovery may trust the claim (see `scan`).
+                let marker = record::CommitMarker {
+                    durable_lsn: shared.durable_lsn.load(Ordering::Acquire),
+                    first_lsn,
+                };
+                record::encode_commit_marker(
+                    &mut self.spare[..record::COMMIT_MARKER_BYTES],
+                    marker,
+                );
+                0
+            }
+            false => record::COMMIT_MARKER_BYTES,
+        };
+        let bytes = &self.spare[start..];
         self.file
-            .write_all(&self.spare)
+            .write_all(bytes)
             .map_err(|e| ("write to the WAL failed", e))?;
-        self.file_bytes += self.spare.len() as u64;
+        self.file_bytes += bytes.len() as u64;
         shared
             .wal_bytes
-            .fetch_add(self.spare.len() as u64, Ordering::Relaxed);
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1004,6 +1136,7 @@ impl Io {
             .map_err(|e| ("fsync of the store directory failed", e))?;
         self.file = file;
         self.file_bytes = header.len() as u64;
+        self.commit_markers = true;
         shared
             .wal_bytes
             .fetch_add(header.len() as u64, Ordering::Relaxed);
@@ -1061,6 +1194,29 @@ mod loom_tests {
         }
     }
 
+    /// The LSNs of the records in `bytes`, in order, checking that every batch starts with a
+    /// commit marker naming its first record and claiming only earlier LSNs durable.
+    fn record_lsns(mut bytes: &[u8]) -> Vec<u64> {
+        let mut lsns = Vec::new();
+        let mut marker = None;
+        while !bytes.is_empty() {
+            let (frame, used) = record::decode_frame(bytes).expect("a whole frame");
+            match record::commit_marker(&frame).expect("a valid frame") {
+                Some(m) => marker = Some(m),
+                None => {
+                    let m = marker.take();
+                    assert!(
+                        m.is_some_and(|m| m.first_lsn == frame.lsn) || lsns.last().is_some(),
+                        "the first record follows its marker"
+                    );
+                    lsns.push(frame.lsn);
+                }
+            }
+            bytes = &bytes[used..];
+        }
+        lsns
+    }
+
     fn start(fail_sync: bool) -> (Wal, Arc<Mutex<Vec<u8>>>) {
         let bytes = Arc::new(Mutex::new(Vec::new()));
         let wal = Wal::start(WalStart {
@@ -1077,6 +1233,7 @@ mod loom_tests {
             segment_bytes: u64::MAX,
             periodic: None,
             active_first_lsn: 1,
+            commit_markers: true,
             queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
         })
         .expect("start");
@@ -1111,10 +1268,7 @@ mod loom_tests {
             assert_eq!(lsns, vec![1, 2]);
             wal.shutdown().expect("clean shutdown");
             // Both records reached the file, in LSN order.
-            let bytes = bytes.lock();
-            let (first, used) = record::decode_frame(&bytes).expect("first record");
-            let (second, _) = record::decode_frame(&bytes[used..]).expect("second record");
-            assert_eq!((first.lsn, second.lsn), (1, 2));
+            assert_eq!(record_lsns(&bytes.lock()), vec![1, 2]);
         });
     }
 

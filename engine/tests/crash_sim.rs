@@ -1203,12 +1203,55 @@ fn the_simulated_disk_keeps_synced_bytes_and_forgets_unsynced_directory_entries(
         "unsynced kept",
         "unsynced prefix",
         "torn with garbage",
+        "unsynced pages in any order",
     ] {
         assert!(
             fates_seen.contains(how),
             "{how} never happened: {fates_seen:?}"
         );
     }
+}
+
+#[test]
+fn the_simulated_disk_can_lose_an_unsynced_page_and_keep_a_later_one() {
+    use keel_engine::storage::Storage;
+    let synced = vec![b's'; 100];
+    let unsynced: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8 | 1).collect();
+    let mut holes = 0;
+    for seed in 0..400 {
+        let disk = SimDisk::with_dir(store());
+        sim_file(&disk, "wal", &synced, true);
+        disk.sync_dir(store()).expect("sync dir");
+        let mut file = disk.open_append(&store().join("wal")).expect("open");
+        file.write_all(&unsynced).expect("write");
+        let (after, fates) = disk.power_loss(seed, DirLoss::ForgetUnsynced);
+        let bytes = after
+            .read(&store().join("wal"))
+            .expect("a synced file survives");
+        assert_eq!(
+            bytes[..100],
+            synced[..],
+            "synced bytes changed (seed {seed})"
+        );
+        if fates[0].how != "unsynced pages in any order" {
+            continue;
+        }
+        assert_eq!(bytes.len(), synced.len() + unsynced.len());
+        // The 64-byte blocks of the unsynced part that reached the disk intact.
+        let kept: Vec<bool> = bytes[100..]
+            .chunks(64)
+            .zip(unsynced.chunks(64))
+            .map(|(a, b)| a == b)
+            .collect();
+        let first_lost = kept.iter().position(|k| !k);
+        if first_lost.is_some_and(|lost| kept[lost..].iter().any(|k| *k)) {
+            holes += 1;
+        }
+    }
+    assert!(
+        holes >= 20,
+        "only {holes} losses left a hole before kept data"
+    );
 }
 
 #[test]
@@ -1266,7 +1309,16 @@ fn a_simulated_write_back_error_can_lose_the_bytes_for_good() {
         assert_eq!(disk.read(&path).expect("read"), b"one,two,", "reads see it");
         file.write_all(b"three").expect("write");
         file.sync_data().expect("a later sync succeeds");
-        let (after, _) = disk.power_loss(0, DirLoss::ForgetUnsynced);
+        // A power loss that writes back none of what was never synced.
+        let after = (0..)
+            .map(|seed| disk.power_loss(seed, DirLoss::ForgetUnsynced))
+            .find(|(_, fates)| {
+                fates
+                    .iter()
+                    .all(|f| f.how == "synced" || f.how == "unsynced dropped")
+            })
+            .map(|(after, _)| after)
+            .expect("some seed drops the unsynced bytes");
         let want: &[u8] = match survives {
             true => b"one,two,three",
             false => b"one,\0\0\0\0three",
@@ -1447,6 +1499,7 @@ fn periodic_sweep(interval: Duration, first_seed: u64, wanted: u64) {
     // How far recovery fell behind the acknowledged writes: 0, 1–9, 10 or more states.
     let mut behind = [0u64; 3];
     let mut required_above_zero = 0;
+    let mut holes = 0u64;
     while points < wanted {
         let steps = workload(seed, CRASH_WORKLOAD_OPS);
         let disk = SimDisk::with_dir(store());
@@ -1515,7 +1568,8 @@ fn periodic_sweep(interval: Duration, first_seed: u64, wanted: u64) {
                     end.states.len(),
                     end.failure
                 );
-                let (found, _) = verify_recovery(&image, &clock, &candidates, &ctx);
+                let (found, report) = verify_recovery(&image, &clock, &candidates, &ctx);
+                holes += u64::from(report.records_discarded > 0);
                 let lag = match end.in_flight.is_some() && found == candidates.len() - 1 {
                     true => 0,
                     false => found,
@@ -1540,8 +1594,14 @@ fn periodic_sweep(interval: Duration, first_seed: u64, wanted: u64) {
         behind[1],
         behind[2]
     );
+    println!(
+        "  recoveries that discarded valid records after a hole in the unsynced tail: {holes}"
+    );
     // The sweep must see both outcomes the rule allows: unsynced writes lost, and kept.
     assert!(behind[0] > 0 && behind[1] + behind[2] > 0, "{behind:?}");
+    // And the failure model that loses unsynced pages out of order must have struck where
+    // valid records followed the hole (several unsynced batches).
+    assert!(holes > 0, "no power loss left a hole before valid records");
     assert!(required_above_zero > 0);
     assert!(
         deterministic || background_syncs > 0,
@@ -1824,7 +1884,7 @@ fn concurrent_writers_keep_every_acknowledged_write_in_a_serial_order_at_every_c
     let started = Instant::now();
     let wanted = crash_points_wanted();
     let (mut points, mut seed) = (0, 6_000);
-    let (mut in_flight_kept, mut crashed_mid_run) = (0, 0);
+    let (mut in_flight_kept, mut crashed_mid_run, mut holes) = (0, 0, 0u64);
     while points < wanted {
         let ops: Vec<_> = (0..WRITERS).map(|t| writer_ops(seed, t)).collect();
         // A clean run: how many crash points this workload has (about; the interleaving, and
@@ -1867,6 +1927,7 @@ fn concurrent_writers_keep_every_acknowledged_write_in_a_serial_order_at_every_c
                 );
                 let db = Db::open(store(), options(&image, &clock))
                     .unwrap_or_else(|e| panic!("{ctx}: reopen failed: {e:?}"));
+                holes += u64::from(db.stats().recovery.is_some_and(|r| r.records_discarded > 0));
                 let got = dump(&db);
                 check_serial(&got, &ran).unwrap_or_else(|e| {
                     panic!("{ctx}: {e}\nrecovered {got:?}\nwriters ran {ran:?}")
@@ -1902,7 +1963,7 @@ fn concurrent_writers_keep_every_acknowledged_write_in_a_serial_order_at_every_c
     println!(
         "concurrent writers: {points} crash points over {} workloads in {:.1?}; a crash hit \
          writes in flight at {crashed_mid_run} points, an in-flight write survived {in_flight_kept} \
-         times",
+         times; {holes} recoveries discarded valid records after a hole in the unsynced tail",
         seed - 6_000,
         started.elapsed(),
     );

@@ -495,6 +495,7 @@ fn engine_json(stats: &keel_engine::Stats, object: &mut Value) {
             "segments": r.segments,
             "records": r.records,
             "bytes_truncated": r.bytes_truncated,
+            "records_discarded": r.records_discarded,
             "keys": r.keys,
             "last_lsn": r.last_lsn,
             "duration_ms": ms(r.duration),
@@ -531,11 +532,13 @@ fn engine_text(stats: &keel_engine::Stats, out: &mut dyn Write) -> CmdResult {
         Some(r) => writeln!(
             out,
             "last recovery: snapshot at lsn {}, then {} records replayed from {} segment(s), \
-             {} bytes truncated, {} keys, took {:.3} ms",
+             {} bytes truncated ({} unsynced records after a hole discarded), {} keys, took \
+             {:.3} ms",
             r.snapshot_lsn,
             r.records,
             r.segments,
             r.bytes_truncated,
+            r.records_discarded,
             r.keys,
             r.duration.as_secs_f64() * 1000.0
         )?,
@@ -576,6 +579,12 @@ pub fn verify(target: &Target, out: &mut dyn Write) -> CmdResult {
     if let Some(torn) = &wal.torn_tail {
         let what = if torn.header_torn {
             "an incomplete segment header".to_owned()
+        } else if torn.records_discarded > 0 {
+            format!(
+                "an unsynced write with a hole after byte offset {}, followed by {} whole \
+                 record(s) that were never made durable",
+                torn.valid_len, torn.records_discarded
+            )
         } else {
             format!(
                 "an incomplete last record after byte offset {}",
@@ -584,8 +593,9 @@ pub fn verify(target: &Target, out: &mut dyn Write) -> CmdResult {
         };
         writeln!(
             out,
-            "note: torn tail in {}: {} byte(s) of {what} (a write cut short by a crash); \
-             the next open will truncate them, losing only that unacknowledged write",
+            "note: torn tail in {}: {} byte(s) of {what} (writes cut short by a crash); \
+             the next open will truncate them, losing only writes never acknowledged as \
+             durable",
             torn.file.display(),
             torn.torn_bytes
         )?;

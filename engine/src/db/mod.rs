@@ -318,6 +318,9 @@ pub struct RecoveryReport {
     pub records: u64,
     /// Bytes cut from a torn last record.
     pub bytes_truncated: u64,
+    /// Whole records after the torn tail's damage, discarded with it (a batch that was never
+    /// fdatasynced and reached the disk with a hole; see `TornTail::records_discarded`).
+    pub records_discarded: u64,
     /// Live keys after recovery.
     pub keys: u64,
     /// LSN of the last record replayed.

@@ -86,22 +86,31 @@ impl Db {
         if let Some((h, _)) = &snap {
             clock.raise_floor(h.time_ms);
         }
-        let scan = wal::scan(&*storage, &dir, snapshot_lsn + 1, |_lsn, _time, entries| {
-            for entry in entries {
-                if let Entry::Put {
-                    expires_at_ms: Some(at),
-                    ..
+        // Every record up to a clean close's last LSN was fdatasynced: damage there is never a
+        // torn tail.
+        let known_durable = clean.as_ref().map_or(0, |m| m.last_lsn);
+        let scan = wal::scan(
+            &*storage,
+            &dir,
+            snapshot_lsn + 1,
+            known_durable,
+            |_lsn, _time, entries| {
+                for entry in entries {
+                    if let Entry::Put {
+                        expires_at_ms: Some(at),
+                        ..
+                    }
+                    | Entry::Expire {
+                        expires_at_ms: Some(at),
+                        ..
+                    } = entry
+                    {
+                        earliest_expiry = earliest_expiry.min(*at);
+                    }
+                    memory = apply_replayed(&index, entry, memory);
                 }
-                | Entry::Expire {
-                    expires_at_ms: Some(at),
-                    ..
-                } = entry
-                {
-                    earliest_expiry = earliest_expiry.min(*at);
-                }
-                memory = apply_replayed(&index, entry, memory);
-            }
-        })?;
+            },
+        )?;
         clock.raise_floor(scan.max_time_ms);
         let durable_floor_ms = [
             clean.map_or(0, |m| m.floor_ms),
@@ -119,9 +128,20 @@ impl Db {
             expired_seen_ms = now;
         }
         let mut bytes_truncated = 0;
+        let mut records_discarded = 0;
         let mut segments = wal::list_segments(&*storage, &dir)?;
         if let Some(torn) = &scan.torn_tail {
             bytes_truncated = torn.torn_bytes;
+            records_discarded = torn.records_discarded;
+            if records_discarded > 0 {
+                tracing::warn!(
+                    file = %torn.file.display(),
+                    offset = torn.valid_len,
+                    records_discarded,
+                    "keel-engine: the unsynced end of the WAL reached the disk with a hole; \
+                     the records after it were never acknowledged as durable and are discarded"
+                );
+            }
             if torn.header_torn {
                 // The crash hit while the segment was being created: it holds no record.
                 storage.remove(&torn.file)?;
@@ -151,8 +171,14 @@ impl Db {
         {
             rewrite_segment(&*storage, path)?;
         }
-        let (file, file_bytes, active_first) = match segments.last() {
-            Some((first, path)) => (storage.open_append(path)?, storage.len(path)?, *first),
+        // A format 1 segment is appended to as format 1 (no commit markers) until it rolls.
+        let (file, file_bytes, active_first, markers) = match segments.last() {
+            Some((first, path)) => (
+                storage.open_append(path)?,
+                storage.len(path)?,
+                *first,
+                scan.last_segment_version >= 2,
+            ),
             None => {
                 let path = join(&dir, &wal::segment_name(next_lsn));
                 let mut file = storage.create(&path)?;
@@ -162,7 +188,7 @@ impl Db {
                 // fsync the directory so the new segment's name survives power loss.
                 storage.sync_dir(&dir)?;
                 segments.push((next_lsn, path));
-                (file, header.len() as u64, next_lsn)
+                (file, header.len() as u64, next_lsn, true)
             }
         };
         // fsync the directory: the segment this store appends to may have been created (or
@@ -188,6 +214,7 @@ impl Db {
             segment_bytes: options.wal_segment_bytes,
             periodic,
             active_first_lsn: active_first,
+            commit_markers: markers,
             queue_bytes_max: options.wal_queue_bytes,
         })?;
         let keys = (0..index.shard_count())
@@ -198,6 +225,7 @@ impl Db {
             segments: scan.segments,
             records: scan.records,
             bytes_truncated,
+            records_discarded,
             keys,
             last_lsn: scan.last_lsn,
             duration: started.elapsed(),
@@ -258,7 +286,8 @@ impl Db {
             snapshots.push((path, header));
         }
         let from = snapshots.first().map_or(0, |(_, h)| h.lsn) + 1;
-        let wal = wal::scan(storage, dir, from, |_, _, _| {})?;
+        let known_durable = marker::read(storage, dir).map_or(0, |m| m.last_lsn);
+        let wal = wal::scan(storage, dir, from, known_durable, |_, _, _| {})?;
         Ok(VerifyReport { snapshots, wal })
     }
 }

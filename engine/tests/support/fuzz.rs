@@ -34,10 +34,10 @@ pub const MODEL_BATCH_OPS_LIMIT: usize = 4;
 /// no panic, lengths consistent, and whatever decodes re-encodes to the very same bytes.
 pub fn wal_record_decode(data: &[u8]) {
     match record::decode_segment_header(data) {
-        Ok(lsn) => {
+        Ok(header) => {
             assert!(data.len() >= SEGMENT_HEADER_BYTES);
             assert_eq!(
-                record::encode_segment_header(lsn)[..],
+                record::encode_segment_header_version(header.first_lsn, header.version)[..],
                 data[..SEGMENT_HEADER_BYTES]
             );
         }
@@ -60,6 +60,17 @@ pub fn wal_record_decode(data: &[u8]) {
         };
         assert_eq!(used, FRAME_HEADER_BYTES + frame.body.len());
         assert!(used <= rest.len() && frame.body.len() <= RECORD_BODY_BYTES_MAX);
+        if let Ok(Some(marker)) = record::commit_marker(&frame) {
+            // A valid commit marker re-encodes to the very same bytes.
+            let mut again = [0u8; record::COMMIT_MARKER_BYTES];
+            record::encode_commit_marker(&mut again, marker);
+            assert_eq!(
+                again[..],
+                rest[..used],
+                "a decoded marker re-encodes differently"
+            );
+            assert!(marker.durable_lsn < marker.first_lsn);
+        }
         if let Ok(entries) = record::decode_entries(frame.body) {
             let mut again = Vec::new();
             record::encode_record(&mut again, frame.lsn, frame.time_ms, &entries);

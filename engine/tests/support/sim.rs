@@ -562,13 +562,17 @@ fn settle(inode: &Inode, rng: &mut Rng) -> (Vec<u8>, &'static str) {
         };
     }
     let unsynced = (live.len() - common) as u64;
-    match rng.below(4) {
+    match rng.below(5) {
         0 => (durable.clone(), "unsynced dropped"),
         1 => (live.clone(), "unsynced kept"),
         2 => {
             let keep = common + rng.below(unsynced + 1) as usize;
             (live[..keep].to_vec(), "unsynced prefix")
         }
+        4 => (
+            lose_pages(live, durable, common, rng),
+            "unsynced pages in any order",
+        ),
         _ => {
             // The garbage runs to the full length half the time: the file's new length
             // reached the disk, some of its data did not.
@@ -583,6 +587,37 @@ fn settle(inode: &Inode, rng: &mut Rng) -> (Vec<u8>, &'static str) {
             (out, "torn with garbage")
         }
     }
+}
+
+/// The unsynced part of a file written back page by page in no particular order, cut off by
+/// the power loss: each page from `common` on independently reached the disk, or did not
+/// (it holds what the disk had before: the durable bytes, or zeros past the durable length),
+/// or was torn (garbage). The file keeps its new length (its size reached the disk). So a
+/// later page of an unsynced write can survive while an earlier one is lost: a hole followed
+/// by valid data. Pages are small (64 B to 4 KiB, chosen per loss) so the workload's small
+/// batches span several.
+fn lose_pages(live: &[u8], durable: &[u8], common: usize, rng: &mut Rng) -> Vec<u8> {
+    const PAGE_SIZES: [usize; 4] = [64, 512, 1024, 4096];
+    let page = PAGE_SIZES[rng.below(PAGE_SIZES.len() as u64) as usize];
+    let mut out = live.to_vec();
+    let mut start = common;
+    while start < live.len() {
+        let end = ((start / page + 1) * page).min(live.len());
+        match rng.below(3) {
+            0 => {} // written back
+            1 => {
+                for (i, byte) in out.iter_mut().enumerate().take(end).skip(start) {
+                    *byte = durable.get(i).copied().unwrap_or(0);
+                }
+            }
+            _ => {
+                let garbage = rng.bytes(end - start);
+                out[start..end].copy_from_slice(&garbage);
+            }
+        }
+        start = end;
+    }
+    out
 }
 
 struct SimFile {
