@@ -320,18 +320,24 @@ struct FramesAfter {
 }
 
 /// Looks for valid frames at every offset past the first byte of `tail` (skipping over each
-/// one found). Cheap for garbage: only offsets whose LSN field is plausible (a record LSN at
-/// least `expected`, or 0 for a marker) are checksummed.
+/// one found). Cheap for garbage and for zeros (a lost page often reads back as zeros): only
+/// offsets whose fields are plausible (a record LSN at least `expected`, or a marker's LSN 0
+/// with its body length 16) are checksummed.
 fn frames_after(tail: &[u8], expected_lsn: u64) -> FramesAfter {
+    let field = |bytes: &[u8]| {
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&bytes[..8]);
+        u64::from_le_bytes(v)
+    };
+    let marker_len = (record::COMMIT_MARKER_BYTES - record::FRAME_HEADER_BYTES) as u32;
     let mut found = FramesAfter::default();
     let mut start = 1;
     while start + record::FRAME_HEADER_BYTES <= tail.len() {
         let rest = &tail[start..];
-        let mut lsn = [0u8; 8];
-        lsn.copy_from_slice(&rest[12..20]);
-        let lsn = u64::from_le_bytes(lsn);
-        let plausible =
-            lsn == 0 || (lsn >= expected_lsn && lsn <= expected_lsn.saturating_add(1 << 32));
+        let lsn = field(&rest[12..20]);
+        let body_len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
+        let plausible = (lsn == 0 && body_len == marker_len)
+            || (lsn >= expected_lsn && lsn <= expected_lsn.saturating_add(1 << 32));
         if plausible && let Ok((frame, used)) = record::decode_frame(rest) {
             match record::commit_marker(&frame) {
                 Ok(Some(marker)) => found.durable_lsn = found.durable_lsn.max(marker.durable_lsn),
