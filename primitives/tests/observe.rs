@@ -493,6 +493,56 @@ fn engine_gauges_publish_the_stores_figures() {
     assert_eq!(figures.gauge(observe::ENGINE_POISONED), Some(0.0));
 }
 
+#[test]
+fn spawned_engine_gauges_republish_with_their_label_until_the_task_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let keys = move || match Figures::of(&snapshotter).find(
+        MetricKind::Gauge,
+        observe::ENGINE_KEYS,
+        &[("store", "main")],
+    ) {
+        Some(DebugValue::Gauge(v)) => Some(v.into_inner()),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        runtime.block_on(async {
+            let store = Embedded::open(dir.path()).unwrap();
+            let task = EngineGauges::with_label(store.db().clone(), "main")
+                .spawn(Duration::from_millis(5));
+            // Each write changes the store; the task's next tick publishes it.
+            for (i, want) in [(0, 1.0), (1, 2.0), (2, 3.0)] {
+                store
+                    .set(format!("k{i}").as_bytes(), b"v", None)
+                    .await
+                    .unwrap();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+                while keys() != Some(want) {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "no publish of {want} keys: {:?}",
+                        keys()
+                    );
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+            // The debugging recorder's snapshot resets a gauge to 0, so the read that saw 3
+            // left 0 behind: only a publish after the drop could change it. Nothing else runs
+            // between that read and the drop (one thread, no await).
+            drop(task);
+            store.set(b"k3", b"v", None).await.unwrap();
+            // Twenty periods: a task still running would have published 4 by now.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(keys(), Some(0.0), "a dropped task kept publishing");
+        })
+    });
+}
+
 /// A `tracing` writer into a shared buffer.
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
