@@ -280,8 +280,12 @@ pub struct IndexBuild {
 }
 
 impl IndexBuild {
-    /// An empty index of `shards` shards (a power of two), without LRU stamps.
+    /// An empty index of `shards` shards, without LRU stamps.
+    ///
+    /// # Panics
+    /// If `shards` is not a power of two.
     pub fn new(shards: usize) -> Self {
+        assert!(shards.is_power_of_two(), "shards must be a power of two");
         let index = crate::index::Index::new(shards, false);
         let loader = crate::index::Loader::new(&index);
         IndexBuild { index, loader }
