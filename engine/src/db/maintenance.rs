@@ -183,9 +183,10 @@ impl Core {
             .range::<[u8], _>((start, Bound::Unbounded))
             .chain(shard.map.iter())
             .take(EVICTION_SAMPLE);
-        for (k, slot) in sample {
+        for slot in sample {
+            let k = slot.key();
             last = Some(k);
-            if &**k == protect {
+            if k == protect {
                 continue;
             }
             // Lower ranks evict first: (class, tiebreak).
@@ -194,8 +195,8 @@ impl Core {
             } else {
                 match self.eviction {
                     EvictionPolicy::AllKeysLru => (1, u64::from(slot.touched())),
-                    EvictionPolicy::VolatileTtl if slot.expires_at_ms != 0 => {
-                        (1, slot.expires_at_ms)
+                    EvictionPolicy::VolatileTtl if slot.expires_at_ms() != 0 => {
+                        (1, slot.expires_at_ms())
                     }
                     _ => continue,
                 }
@@ -275,9 +276,14 @@ impl Core {
             let mut n = 0;
             {
                 let shard = self.index.shard(i).read();
-                for (key, slot) in shard.map.iter() {
+                for slot in shard.map.iter() {
                     if slot.is_live(now) {
-                        snapshot::encode_entry(&mut chunk, key, &slot.value, slot.expires_at_ms);
+                        snapshot::encode_entry(
+                            &mut chunk,
+                            slot.key(),
+                            slot.value(),
+                            slot.expires_at_ms(),
+                        );
                         n += 1;
                     }
                 }
@@ -374,16 +380,16 @@ impl Core {
             let mut examined = 0;
             let mut last: Option<&[u8]> = None;
             let mut expired: Vec<Box<[u8]>> = Vec::new();
-            for (k, slot) in shard
+            for slot in shard
                 .map
                 .range::<[u8], _>((lower, std::ops::Bound::Unbounded))
                 .take(self.expire_scan_per_shard)
             {
                 examined += 1;
-                last = Some(k);
+                last = Some(slot.key());
                 if !slot.is_live(now) {
-                    self.saw_expired(slot.expires_at_ms);
-                    expired.push(k.clone());
+                    self.saw_expired(slot.expires_at_ms());
+                    expired.push(slot.key().into());
                 }
             }
             let next_cursor = if examined < self.expire_scan_per_shard {

@@ -27,7 +27,7 @@ use parking_lot::Mutex;
 
 use crate::clock::MonotonicClock;
 use crate::error::{Error, Result};
-use crate::index::{Index, Shard, Slot, TOUCH_UNIT_MS, entry_bytes};
+use crate::index::{Index, Loader, Replay, Shard, Slot, TOUCH_UNIT_MS, entry_bytes};
 use crate::int::parse_i64;
 use crate::marker::{self, CleanClose};
 use crate::options::{Durability, EvictionPolicy, Limits, Options, TTL_MAX};
@@ -530,7 +530,10 @@ impl Db {
     /// If the operating system refuses to start the store's maintenance thread (it cannot run
     /// without one; `Db::open` returns that as an error instead).
     pub fn memory(options: Options) -> Db {
-        let index = Index::new(options.shards);
+        let index = Index::new(
+            options.shards,
+            options.eviction == EvictionPolicy::AllKeysLru,
+        );
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
         Db::assemble(index, None, clock, &options, (0, 0), None, None)
             .expect("the OS refused to start keel's maintenance thread")

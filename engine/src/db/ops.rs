@@ -25,14 +25,14 @@ impl Db {
         let shard = core.index.shard(core.index.shard_of(key)).read();
         let slot = shard.map.get(key)?;
         if !slot.is_live(now) {
-            core.saw_expired(slot.expires_at_ms);
+            core.saw_expired(slot.expires_at_ms());
             return None;
         }
         if core.eviction == EvictionPolicy::AllKeysLru {
             slot.touch(core.touch_at(now));
         }
         let ttl = slot.expiry().map(|at| Duration::from_millis(at - now));
-        Some((slot.value.to_vec(), ttl))
+        Some((slot.value().to_vec(), ttl))
     }
 
     /// Whether `key` exists, and if so its remaining time to live.
@@ -43,7 +43,7 @@ impl Db {
         let shard = core.index.shard(core.index.shard_of(key)).read();
         let slot = shard.map.get(key);
         if let Some(expired) = slot.filter(|s| !s.is_live(now)) {
-            core.saw_expired(expired.expires_at_ms);
+            core.saw_expired(expired.expires_at_ms());
         }
         match slot.filter(|s| s.is_live(now)) {
             None => Ttl::Missing,
@@ -291,14 +291,14 @@ impl Db {
                 self.mutate(key, |current, now| {
                     let matches = match (current, expected) {
                         (None, None) => true,
-                        (Some(slot), Some(exp)) => &*slot.value == exp,
+                        (Some(slot), Some(exp)) => slot.value() == exp,
                         _ => false,
                     };
                     if !matches {
                         return Ok((Change::None, Outcome::Bool(false)));
                     }
                     let expires_at_ms = match (ttl, set_ms) {
-                        (TtlPolicy::Keep, _) => current.map_or(0, |s| s.expires_at_ms),
+                        (TtlPolicy::Keep, _) => current.map_or(0, |s| s.expires_at_ms()),
                         (_, Some(ms)) => now.saturating_add(ms),
                         (_, None) => 0,
                     };
@@ -313,7 +313,7 @@ impl Db {
             }
             Op::CompareAndDelete { key, expected } => self.mutate(key, |current, _| {
                 Ok(match current {
-                    Some(slot) if &*slot.value == expected => (Change::Delete, Outcome::Bool(true)),
+                    Some(slot) if slot.value() == expected => (Change::Delete, Outcome::Bool(true)),
                     _ => (Change::None, Outcome::Bool(false)),
                 })
             }),
@@ -332,8 +332,8 @@ impl Db {
                 self.mutate(key, |current, now| {
                     let (base, expires_at_ms) = match current {
                         Some(slot) => (
-                            parse_i64(&slot.value).ok_or(Error::NotAnInteger)?,
-                            slot.expires_at_ms,
+                            parse_i64(slot.value()).ok_or(Error::NotAnInteger)?,
+                            slot.expires_at_ms(),
                         ),
                         None => (0, ttl.map_or(0, |t| now.saturating_add(t))),
                     };
@@ -363,7 +363,7 @@ impl Db {
             }
             Op::Persist { key } => self.mutate(key, |current, _| {
                 Ok(match current {
-                    Some(slot) if slot.expires_at_ms != 0 => {
+                    Some(slot) if slot.expires_at_ms() != 0 => {
                         (Change::Expire { expires_at_ms: 0 }, Outcome::Bool(true))
                     }
                     _ => (Change::None, Outcome::Bool(false)),
@@ -463,7 +463,7 @@ impl Db {
         let now = core.clock.now_ms();
         let current = shard.map.get(key);
         if let Some(expired) = current.filter(|s| !s.is_live(now)) {
-            core.saw_expired(expired.expires_at_ms);
+            core.saw_expired(expired.expires_at_ms());
         }
         let (change, outcome) = decide(current.filter(|s| s.is_live(now)), now)?;
         let entry = match &change {
@@ -486,7 +486,7 @@ impl Db {
             let old = shard
                 .map
                 .get(key)
-                .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+                .map_or(0, |s| entry_bytes(key.len(), s.value().len()));
             let new = entry_bytes(key.len(), value.len());
             core.make_room(
                 Some(&mut shard),
@@ -550,10 +550,10 @@ impl Db {
             .map(|(key, shard_id)| {
                 let slot = guards[guard_of(shard_id)].map.get(*key);
                 if let Some(expired) = slot.filter(|s| !s.is_live(now)) {
-                    core.saw_expired(expired.expires_at_ms);
+                    core.saw_expired(expired.expires_at_ms());
                 }
                 slot.filter(|s| s.is_live(now))
-                    .map(|s| (&*s.value, s.expires_at_ms))
+                    .map(|s| (s.value(), s.expires_at_ms()))
             })
             .collect();
         let values: Vec<Option<&[u8]>> = current.iter().map(|c| c.map(|(v, _)| v)).collect();
@@ -606,7 +606,7 @@ impl Db {
                 let old = guards[guard_of(&op_shards[*i])]
                     .map
                     .get(key)
-                    .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+                    .map_or(0, |s| entry_bytes(key.len(), s.value().len()));
                 growth += entry_bytes(key.len(), value.len()).saturating_sub(old);
             }
             // The keys' own shards are locked by this thread: eviction samples the others.
@@ -720,7 +720,7 @@ impl Db {
                     let old = guards[g]
                         .map
                         .get(*key)
-                        .map_or(0, |s| entry_bytes(key.len(), s.value.len()));
+                        .map_or(0, |s| entry_bytes(key.len(), s.value().len()));
                     growth += entry_bytes(key.len(), value.len()).saturating_sub(old);
                 }
             }
@@ -825,11 +825,12 @@ impl Core {
         u32::try_from(now_ms.saturating_sub(self.touch_base_ms) / TOUCH_UNIT_MS).unwrap_or(u32::MAX)
     }
 
-    pub(super) fn touch_now(&self) -> u32 {
+    /// The LRU stamp a new entry starts with (`None` unless the policy is AllKeysLru).
+    pub(super) fn touch_now(&self) -> Option<u32> {
         if self.eviction == EvictionPolicy::AllKeysLru {
-            self.touch_at(self.clock.now_ms())
+            Some(self.touch_at(self.clock.now_ms()))
         } else {
-            0
+            None
         }
     }
 
@@ -842,31 +843,20 @@ impl Core {
                 expires_at_ms,
             } => {
                 let added = entry_bytes(key.len(), value.len());
-                let slot = Slot::new(value, expires_at_ms, self.touch_now());
-                match shard.map.get_mut(key) {
-                    Some(existing) => {
-                        let removed = entry_bytes(key.len(), existing.value.len());
-                        *existing = slot;
-                        self.memory_bytes.fetch_add(added, Ordering::Relaxed);
-                        self.memory_bytes.fetch_sub(removed, Ordering::Relaxed);
-                    }
-                    None => {
-                        shard.map.insert(key.into(), slot);
-                        self.memory_bytes.fetch_add(added, Ordering::Relaxed);
-                    }
+                let slot = Slot::new(key, &value, expires_at_ms, self.touch_now());
+                self.memory_bytes.fetch_add(added, Ordering::Relaxed);
+                if let Some(old) = shard.put(slot) {
+                    let removed = entry_bytes(key.len(), old.value().len());
+                    self.memory_bytes.fetch_sub(removed, Ordering::Relaxed);
                 }
             }
             Change::Delete => {
-                if let Some(old) = shard.map.remove(key) {
+                if let Some(old) = shard.map.take(key) {
                     self.memory_bytes
-                        .fetch_sub(entry_bytes(key.len(), old.value.len()), Ordering::Relaxed);
+                        .fetch_sub(entry_bytes(key.len(), old.value().len()), Ordering::Relaxed);
                 }
             }
-            Change::Expire { expires_at_ms } => {
-                if let Some(slot) = shard.map.get_mut(key) {
-                    slot.expires_at_ms = expires_at_ms;
-                }
-            }
+            Change::Expire { expires_at_ms } => shard.set_expiry(key, expires_at_ms),
         }
     }
 }

@@ -49,7 +49,10 @@ impl Db {
             }
         };
         let started = Instant::now();
-        let index = Index::new(options.shards);
+        let index = Index::new(
+            options.shards,
+            options.eviction == EvictionPolicy::AllKeysLru,
+        );
         let clock = MonotonicClock::new(Arc::clone(&options.clock));
         let mut memory = 0u64;
         for tmp in snapshot::list_tmp(&*storage, &dir)? {
@@ -71,17 +74,14 @@ impl Db {
         if let Some(m) = &clean {
             clock.raise_floor(m.floor_ms);
         }
+        let mut loader = Loader::new(&index);
         let snap = snapshot::load_newest(&*storage, &dir, |key, value, expires_at_ms| {
-            let entry = Entry::Put {
-                key,
-                value,
-                expires_at_ms: (expires_at_ms != 0).then_some(expires_at_ms),
-            };
             if expires_at_ms != 0 {
                 earliest_expiry = earliest_expiry.min(expires_at_ms);
             }
-            memory = apply_replayed(&index, &entry, memory);
+            loader.push(&index, key, value, expires_at_ms);
         })?;
+        memory += loader.finish(&index);
         let snapshot_lsn = snap.as_ref().map_or(0, |(h, _)| h.lsn);
         if let Some((h, _)) = &snap {
             clock.raise_floor(h.time_ms);
@@ -89,6 +89,7 @@ impl Db {
         // Every record up to a clean close's last LSN was fdatasynced: damage there is never a
         // torn tail.
         let known_durable = clean.as_ref().map_or(0, |m| m.last_lsn);
+        let mut replay = Replay::new(&index);
         let scan = wal::scan(
             &*storage,
             &dir,
@@ -96,21 +97,31 @@ impl Db {
             known_durable,
             |_lsn, _time, entries| {
                 for entry in entries {
-                    if let Entry::Put {
-                        expires_at_ms: Some(at),
-                        ..
+                    match *entry {
+                        Entry::Put {
+                            key,
+                            value,
+                            expires_at_ms,
+                        } => {
+                            let at = expires_at_ms.unwrap_or(0);
+                            if at != 0 {
+                                earliest_expiry = earliest_expiry.min(at);
+                            }
+                            replay.put(&index, key, value, at, &mut memory);
+                        }
+                        Entry::Delete { key } => replay.delete(&index, key, &mut memory),
+                        Entry::Expire { key, expires_at_ms } => {
+                            let at = expires_at_ms.unwrap_or(0);
+                            if at != 0 {
+                                earliest_expiry = earliest_expiry.min(at);
+                            }
+                            replay.expire(&index, key, at, &mut memory);
+                        }
                     }
-                    | Entry::Expire {
-                        expires_at_ms: Some(at),
-                        ..
-                    } = entry
-                    {
-                        earliest_expiry = earliest_expiry.min(*at);
-                    }
-                    memory = apply_replayed(&index, entry, memory);
                 }
             },
         )?;
+        replay.finish(&index, &mut memory);
         clock.raise_floor(scan.max_time_ms);
         let durable_floor_ms = [
             clean.map_or(0, |m| m.floor_ms),
@@ -330,47 +341,13 @@ fn rewrite_segment(storage: &dyn Storage, path: &Path) -> Result<()> {
 fn purge_expired(index: &Index, now_ms: u64, mut memory: u64) -> u64 {
     for i in 0..index.shard_count() {
         let mut shard = index.shard(i).write();
-        shard.map.retain(|key, slot| {
+        shard.map.retain(|slot| {
             let live = slot.is_live(now_ms);
             if !live {
-                memory -= entry_bytes(key.len(), slot.value.len());
+                memory -= entry_bytes(slot.key().len(), slot.value().len());
             }
             live
         });
-    }
-    memory
-}
-
-/// Applies one replayed WAL entry to the index; returns the updated memory account.
-fn apply_replayed(index: &Index, entry: &Entry<'_>, mut memory: u64) -> u64 {
-    let key = entry.key();
-    let mut shard = index.shard(index.shard_of(key)).write();
-    match *entry {
-        Entry::Put {
-            value,
-            expires_at_ms,
-            ..
-        } => {
-            // Kept even if already expired: a later Expire entry may have extended it (an
-            // Expire is only ever logged for a live key). `purge_expired` drops what is still
-            // expired once the whole log has been replayed.
-            let slot = Slot::new(value.into(), expires_at_ms.unwrap_or(0), 0);
-            if let Some(old) = shard.map.remove(key) {
-                memory -= entry_bytes(key.len(), old.value.len());
-            }
-            memory += entry_bytes(key.len(), slot.value.len());
-            shard.map.insert(key.into(), slot);
-        }
-        Entry::Delete { .. } => {
-            if let Some(old) = shard.map.remove(key) {
-                memory -= entry_bytes(key.len(), old.value.len());
-            }
-        }
-        Entry::Expire { expires_at_ms, .. } => {
-            if let Some(slot) = shard.map.get_mut(key) {
-                slot.expires_at_ms = expires_at_ms.unwrap_or(0);
-            }
-        }
     }
     memory
 }
