@@ -250,6 +250,9 @@ fn u64_at(bytes: &[u8], at: usize) -> u64 {
 
 /// Loads the newest snapshot in `dir`, if any, via `apply`. A damaged newest snapshot is
 /// `Corruption` (it was installed whole, so damage is real, not a torn write).
+///
+/// Reads the file through [`Storage::read_mapped`]: the caller holds the store's lock, and an
+/// installed snapshot never changes. The map is dropped before this returns.
 pub(crate) fn load_newest(
     storage: &dyn Storage,
     dir: &Path,
@@ -258,7 +261,7 @@ pub(crate) fn load_newest(
     let Some((lsn, path)) = list(storage, dir)?.into_iter().next() else {
         return Ok(None);
     };
-    let bytes = storage.read(&path)?;
+    let bytes = storage.read_mapped(&path)?;
     let header = decode(&bytes, apply)
         .map_err(|e| Error::corruption(&path, 0, format!("snapshot cannot be loaded: {e:?}")))?;
     if header.lsn != lsn {

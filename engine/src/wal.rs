@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::options::Durability;
 use crate::record::{self, DecodeError, Entry};
-use crate::storage::{Storage, WritableFile, join};
+use crate::storage::{ReadMode, Storage, WritableFile, join, read_whole};
 use crate::sync::{self, Arc, AtomicBool, AtomicU64, Condvar, JoinHandle, Mutex, Ordering};
 
 /// The longest the writer thread holds a commit back while writers woken by the previous one
@@ -110,9 +110,14 @@ pub struct TornTail {
 /// `durable_lsn` (what the caller knows was durable, e.g. from a clean-close marker). In a
 /// format 1 segment, which has no markers, any valid record after the damage makes it
 /// corruption. A gap in LSNs or a damaged sealed segment is always [`Error::Corruption`].
+///
+/// Each segment is read the way `mode` says ([`ReadMode::Mapped`] only with the store's lock
+/// held) and released before the next one is read: no map outlives the scan, so the caller
+/// may truncate or rewrite a segment once it returns.
 pub(crate) fn scan(
     storage: &dyn Storage,
     dir: &Path,
+    mode: ReadMode,
     mut expected_lsn: u64,
     durable_lsn: u64,
     mut apply: impl FnMut(u64, u64, &[Entry<'_>]),
@@ -131,7 +136,7 @@ pub(crate) fn scan(
     let count = segments.len();
     for (i, (first_lsn, path)) in segments.iter().enumerate().skip(start) {
         let is_last = i + 1 == count;
-        let bytes = storage.read(path)?;
+        let bytes = read_whole(storage, path, mode)?;
         out.segments += 1;
         let header_torn = |bytes: &[u8]| TornTail {
             file: path.clone(),

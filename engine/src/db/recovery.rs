@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::storage::ReadMode;
+
 use super::*;
 
 impl Db {
@@ -90,9 +92,12 @@ impl Db {
         // torn tail.
         let known_durable = clean.as_ref().map_or(0, |m| m.last_lsn);
         let mut replay = Replay::new(&index);
+        // Mapped: the lock is held, and `scan` drops each segment's map before returning, so
+        // nothing below truncates or rewrites a mapped file.
         let scan = wal::scan(
             &*storage,
             &dir,
+            ReadMode::Mapped,
             snapshot_lsn + 1,
             known_durable,
             |_lsn, _time, entries| {
@@ -279,6 +284,10 @@ impl Db {
     /// Checks every WAL segment's checksums in `dir` without modifying anything and without
     /// taking the lock. A torn last record is reported in the result; real damage is an error.
     ///
+    /// Reads every file into memory ([`Storage::read`]), never through a memory map: another
+    /// process may be writing the store, and a segment it truncates under a live map would
+    /// raise SIGBUS here.
+    ///
     /// # Errors
     /// [`Error::NotAStore`] if `dir` holds no WAL segment or snapshot; [`Error::Corruption`]
     /// naming the file and offset; [`Error::Io`].
@@ -298,7 +307,15 @@ impl Db {
         }
         let from = snapshots.first().map_or(0, |(_, h)| h.lsn) + 1;
         let known_durable = marker::read(storage, dir).map_or(0, |m| m.last_lsn);
-        let wal = wal::scan(storage, dir, from, known_durable, |_, _, _| {})?;
+        // Copied, not mapped: without the lock, another process may truncate a segment.
+        let wal = wal::scan(
+            storage,
+            dir,
+            ReadMode::Copied,
+            from,
+            known_durable,
+            |_, _, _| {},
+        )?;
         Ok(VerifyReport { snapshots, wal })
     }
 }
