@@ -1170,10 +1170,33 @@ fn print_targets(s: &Summary<'_>) {
         let keel = incr.get(REFERENCE, 64);
         match ratio(keel, incr.get("Redis always", 64)) {
             Some(r) => println!(
-                "- incr+TTL, 64 callers, keel Immediate ÷ Redis always: {r:.2}× (target ≥ 4×): {}",
-                verdict(r >= 4.0)
+                "- incr+TTL, 64 callers, keel Immediate ÷ Redis always: {r:.2}× (target ≥ 2×): {}",
+                verdict(r >= 2.0)
             ),
             None => println!("- incr+TTL, 64 callers vs Redis always: not measured"),
+        }
+        // The disk's group-commit ceiling: 64 writers sharing every fdatasync, each fdatasync
+        // taking the raw p50 measured in this run (median over the rounds).
+        let mut p50s: Vec<u64> = s
+            .disk
+            .iter()
+            .filter_map(|d| d.raw.as_ref().ok())
+            .map(|m| m.quantile_ns(0.5))
+            .collect();
+        p50s.sort_unstable();
+        match (keel, p50s.get(p50s.len() / 2)) {
+            (Some(k), Some(&p50)) if p50 > 0 => {
+                let ceiling = 64.0 * 1e9 / p50 as f64;
+                let share = 100.0 * k.ops_per_sec() / ceiling;
+                println!(
+                    "- incr+TTL, 64 callers, keel Immediate ÷ the group-commit ceiling (64 ÷ raw \
+                     fdatasync p50 {} = {:.0}/s): {share:.0}% (target ≥ 50%): {}",
+                    latency(p50),
+                    ceiling,
+                    verdict(share >= 50.0)
+                );
+            }
+            _ => println!("- incr+TTL, 64 callers vs the group-commit ceiling: not measured"),
         }
         for other in ["redb adapter", REDB_NATIVE, "sled adapter", SLED_NATIVE] {
             match ratio(keel, incr.get(other, 64)) {
@@ -1221,9 +1244,14 @@ fn print_targets(s: &Summary<'_>) {
         }
     }
     for r in s.reopen.iter().filter(|r| r.store.starts_with("keel")) {
+        // From a snapshot ≤ 0.4 s, by WAL replay after a clean close ≤ 0.5 s.
+        let target = match r.store.contains("snapshot") {
+            true => Duration::from_millis(400),
+            false => Duration::from_millis(500),
+        };
         if let Ok(d) = r.reopen {
             println!(
-                "- {}: {}{} (target ≤ 1 s for 1,000,000 keys): {}",
+                "- {}: {}{} (target ≤ {} for 1,000,000 keys): {}",
                 r.store,
                 secs(d),
                 if s.quick {
@@ -1231,7 +1259,8 @@ fn print_targets(s: &Summary<'_>) {
                 } else {
                     ""
                 },
-                verdict(d <= Duration::from_secs(1))
+                secs(target),
+                verdict(d <= target)
             );
         }
     }
@@ -1243,17 +1272,17 @@ fn print_targets(s: &Summary<'_>) {
     };
     match (
         find("keel (process RSS"),
-        find("Redis (INFO used_memory delta"),
+        find("Valkey (INFO used_memory delta"),
     ) {
-        (Some(k), Some(r)) => println!(
-            "- memory: keel RSS delta {:.1} MB vs Redis used_memory delta {:.1} MB ({:.2}×; \
+        (Some(k), Some(v)) => println!(
+            "- memory: keel RSS delta {:.1} MB vs Valkey used_memory delta {:.1} MB ({:.2}×; \
              target ≤ 1×): {}",
             k as f64 / 1e6,
-            r as f64 / 1e6,
-            k as f64 / r as f64,
-            verdict(k <= r)
+            v as f64 / 1e6,
+            k as f64 / v as f64,
+            verdict(k <= v)
         ),
-        _ => println!("- memory vs Redis: not measured"),
+        _ => println!("- memory vs Valkey: not measured"),
     }
     // The like-for-like comparisons, for context.
     if let (Some(k), Some(r)) = (
