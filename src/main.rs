@@ -196,9 +196,10 @@ enum Command {
     /// Check the checksum of every record in the store's files without opening, locking or
     /// modifying the store.
     ///
-    /// A torn last record (a write cut short by a crash) is reported as a note and exits 0:
-    /// the next open truncates it. Damage anywhere else exits 2 and names the file and byte
-    /// offset. A directory that does not exist or holds no store also exits 2. Embedded
+    /// A torn tail (writes a crash cut short, never made durable) is reported as a note and
+    /// exits 0: the next open truncates it. Damage to records that were durable (a sealed
+    /// segment, a record a later commit marker or the last clean close vouches for) exits 2
+    /// and names the file and byte offset. A directory that does not exist or holds no store also exits 2. Embedded
     /// engine only.
     Verify {
         #[command(flatten)]

@@ -595,6 +595,14 @@ fn verify_reports_a_torn_tail_as_a_note_and_exits_0() {
     let torn = &bytes[..bytes.len() - 5];
     fs::write(&segment, torn).expect("tearing the last record");
 
+    // The store was closed cleanly, and its clean-close marker vouches for every record: a cut
+    // record is then damage to synced data, not a torn write.
+    let vouched = keel(&dir, ["verify"]);
+    assert_code(&vouched, 2);
+    assert!(vouched.stderr.contains("clean close"), "{}", vouched.stderr);
+
+    // A crash leaves no marker: the same cut is a torn tail.
+    fs::remove_file(dir.join("CLOSED")).expect("removing the clean-close marker");
     let verify = keel(&dir, ["verify"]);
     assert_code(&verify, 0);
     let text = verify.stdout();
