@@ -91,17 +91,7 @@ fn main() {
     let rss_before = rss_bytes();
     let load_started = Instant::now();
     let db = Db::open(&dir, opts.clone()).unwrap();
-    let mut batch = Batch::new();
-    for i in 0..keys {
-        batch.set(key(i).to_vec(), value.to_vec(), None);
-        if batch.len() == 1000 {
-            db.write_batch(&batch).unwrap();
-            batch = Batch::new();
-        }
-    }
-    if !batch.is_empty() {
-        db.write_batch(&batch).unwrap();
-    }
+    load_keys(&db, keys, &value);
     let load = load_started.elapsed();
     let rss_loaded = rss_bytes();
     let accounted = db.stats().memory_bytes;
@@ -250,10 +240,8 @@ fn index_only_rss(keys: u64) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
-fn index_rss_child(keys: u64) {
-    let value = [0x61u8; 100];
-    let before = rss_bytes();
-    let db = Db::memory(Options::default());
+/// Writes keys `0..keys`, each holding `value`, in batches of 1,000.
+fn load_keys(db: &Db, keys: u64, value: &[u8]) {
     let mut batch = Batch::new();
     for i in 0..keys {
         batch.set(key(i).to_vec(), value.to_vec(), None);
@@ -265,6 +253,13 @@ fn index_rss_child(keys: u64) {
     if !batch.is_empty() {
         db.write_batch(&batch).unwrap();
     }
+}
+
+fn index_rss_child(keys: u64) {
+    let value = [0x61u8; 100];
+    let before = rss_bytes();
+    let db = Db::memory(Options::default());
+    load_keys(&db, keys, &value);
     println!("{}", rss_bytes().saturating_sub(before));
     drop(db);
 }
